@@ -1,0 +1,320 @@
+"""Turn a stored body into one typed `Envelope`, whatever shape WebRun sent.
+
+Pure: bytes and a content type in, an `Envelope` out, or `Quarantine` with
+the reason. The WebRun docs disagree with themselves on field names and
+nesting (``inputTokens`` / ``prompt_tokens``, cost in ``usage`` or
+``data.usage``, results wrapped in ``result``, ``type`` or ``event``), so
+every variant the catalogue shows is read here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any, TypeAlias
+
+from receiver.csvparse import looks_like_csv
+from receiver.errors import Quarantine
+
+JsonValue: TypeAlias = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
+
+
+class Kind(StrEnum):
+    FULL_RESPONSE = "full_response"
+    AI_RESPONSE = "ai_response"
+    JUST_PING = "just_ping"
+    FAILURE = "failure"
+    GUARDRAIL = "guardrail"
+
+
+class OutputType(StrEnum):
+    TEXT = "text"
+    JSON = "structured_json"
+    CSV = "structured_csv"
+
+
+@dataclass(frozen=True)
+class Usage:
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    compute_time_s: float | None = None
+    completion_time_s: float | None = None
+    cost_usd: float | None = None
+
+
+@dataclass(frozen=True)
+class Output:
+    """The agent's output: ``text`` as delivered (markdown, JSON text, CSV text)."""
+
+    type: OutputType
+    text: str
+    value: JsonValue = None
+
+
+@dataclass(frozen=True)
+class Envelope:
+    kind: Kind
+    status: str | None = None
+    session_id: str | None = None
+    task_id: str | None = None
+    usage: Usage = field(default_factory=Usage)
+    completed_at: dt.datetime | None = None
+    error: str | None = None
+    error_code: str | None = None
+    guardrail_type: str | None = None
+    guardrail_value: str | None = None
+    output: Output | None = None
+    #: Parts of the record with no column of their own (``data.files``, ``data.network``...).
+    extra: dict[str, JsonValue] = field(default_factory=dict)
+
+
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(text: str) -> JsonValue:
+    """Strict RFC 8259 parsing: Python's ``NaN``/``Infinity`` extensions are refused."""
+    value: JsonValue = json.loads(text, parse_constant=_refuse_constant)
+    return value
+
+
+def _media_type(content_type: str | None) -> str:
+    return (content_type or "").split(";", 1)[0].strip().lower()
+
+
+def classify(
+    body: bytes, content_type: str | None, *, expected: OutputType | None = None
+) -> Envelope:
+    """Classify a delivery body; ``expected`` is the output type registered for the hook."""
+    if not body.strip():
+        raise Quarantine("empty body")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Quarantine(f"body is not UTF-8 (byte {exc.start})") from None
+    text = text.removeprefix("\ufeff")
+    media = _media_type(content_type)
+    is_json_media = media == "application/json" or media.endswith("+json")
+    if is_json_media or text.lstrip()[:1] in ("{", "[", '"'):
+        try:
+            value = parse_json(text)
+        except (ValueError, RecursionError) as exc:
+            if is_json_media:
+                raise Quarantine(f"invalid JSON: {_short(exc)}") from None
+        else:
+            return _classify_json(value, expected)
+    return Envelope(Kind.AI_RESPONSE, output=_text_output(text, expected, media == "text/csv"))
+
+
+def _short(exc: BaseException) -> str:
+    return str(exc)[:200] or type(exc).__name__
+
+
+def _classify_json(value: JsonValue, expected: OutputType | None) -> Envelope:
+    if isinstance(value, dict) and _is_task_record(value):
+        return _task_record(value, expected)
+    if isinstance(value, str):
+        return Envelope(Kind.AI_RESPONSE, output=_text_output(value, expected, False))
+    return Envelope(Kind.AI_RESPONSE, output=_json_output(value))
+
+
+_MARKERS = {"task_completed", "guardrail_trigger", "task_failed"}
+
+
+def _is_task_record(d: Mapping[str, JsonValue]) -> bool:
+    """A WebRun task record has ids and a marker; a bare output object has neither."""
+    result = d.get("result")
+    inner = result if isinstance(result, dict) else {}
+    has_ids = any(isinstance(d.get(k), str) for k in ("taskId", "sessionId"))
+    marked = (
+        d.get("type") in _MARKERS
+        or d.get("event") in _MARKERS
+        or inner.get("type") in _MARKERS
+        or d.get("status") in {"failed", "complete", "completed"}
+    )
+    return has_ids and marked
+
+
+def _task_record(outer: dict[str, JsonValue], expected: OutputType | None) -> Envelope:
+    result = outer.get("result")
+    inner: dict[str, JsonValue] = result if isinstance(result, dict) else {}
+    merged: dict[str, JsonValue] = {**outer, **inner}
+    data = _obj(merged.get("data"))
+    usage = _obj(inner.get("usage")) or _obj(outer.get("usage")) or _obj(data.get("usage"))
+    marker = merged.get("type") if "type" in merged else merged.get("event")
+    extra: dict[str, JsonValue] = {k: data[k] for k in ("files", "network") if k in data}
+
+    completed_at = None
+    raw_completed = merged.get("completedAt", merged.get("completed_at"))
+    if raw_completed is not None:
+        completed_at = parse_time(raw_completed)
+        if completed_at is None:
+            extra["completedAt"] = raw_completed
+
+    common: dict[str, Any] = {
+        "session_id": _opt_str(merged.get("sessionId")),
+        "task_id": _opt_str(merged.get("taskId")),
+        "completed_at": completed_at,
+        "usage": _usage(usage, data),
+        "extra": extra,
+    }
+    if marker == "guardrail_trigger":
+        return Envelope(
+            Kind.GUARDRAIL,
+            status="guardrail",
+            guardrail_type=_opt_str(data.get("type")),
+            guardrail_value=_opt_text(data.get("value")),
+            **common,
+        )
+    failed = merged.get("status") == "failed" or marker == "task_failed"
+    if failed or (merged.get("success") is False and "error" in merged):
+        return Envelope(
+            Kind.FAILURE,
+            status="failed",
+            error=_opt_text(merged.get("error")),
+            error_code=_opt_str(merged.get("code", merged.get("errorCode"))),
+            **common,
+        )
+    if not data and not usage and not inner:
+        return Envelope(Kind.JUST_PING, status="completed", **common)
+    output = None
+    if "message" in data:
+        message = data["message"]
+        if isinstance(message, str):
+            output = _text_output(message, expected, False, json_allowed=True)
+        elif message is not None:
+            output = _json_output(message)
+    return Envelope(Kind.FULL_RESPONSE, status="completed", output=output, **common)
+
+
+def _text_output(
+    text: str, expected: OutputType | None, is_csv_media: bool, *, json_allowed: bool = False
+) -> Output:
+    """Decide what a text output is: JSON text (in ``data.message``), CSV, or markdown."""
+    if json_allowed and (expected in (None, OutputType.JSON)) and text.lstrip()[:1] in ("{", "["):
+        try:
+            return _json_output(parse_json(text), text)
+        except (ValueError, RecursionError):
+            pass
+    if expected == OutputType.CSV or is_csv_media or (expected is None and looks_like_csv(text)):
+        return Output(OutputType.CSV, text)
+    return Output(OutputType.TEXT, text)
+
+
+def _json_output(value: JsonValue, text: str | None = None) -> Output:
+    if text is None:
+        text = json.dumps(value, ensure_ascii=False)
+    return Output(OutputType.JSON, text, value)
+
+
+def _obj(value: JsonValue) -> dict[str, JsonValue]:
+    return value if isinstance(value, dict) else {}
+
+
+def _first(d: Mapping[str, JsonValue], *names: str) -> tuple[str, JsonValue] | None:
+    for name in names:
+        if d.get(name) is not None:
+            return name, d[name]
+    return None
+
+
+def _usage(usage: dict[str, JsonValue], data: dict[str, JsonValue]) -> Usage:
+    def pick(
+        kind: type[int] | type[float], *sources: tuple[dict[str, JsonValue], tuple[str, ...]]
+    ) -> Any:
+        for source, names in sources:
+            found = _first(source, *names)
+            if found is not None:
+                return _number(found[0], found[1], integer=kind is int)
+        return None
+
+    return Usage(
+        input_tokens=pick(
+            int,
+            (usage, ("inputTokens", "input_tokens", "prompt_tokens")),
+            (data, ("prompt_tokens", "inputTokens", "input_tokens")),
+        ),
+        output_tokens=pick(
+            int,
+            (usage, ("outputTokens", "output_tokens", "completion_tokens")),
+            (data, ("completion_tokens", "outputTokens", "output_tokens")),
+        ),
+        total_tokens=pick(
+            int,
+            (usage, ("totalTokens", "total_tokens")),
+            (data, ("total_tokens", "totalTokens")),
+        ),
+        compute_time_s=pick(float, (usage, ("computeTime", "compute_time"))),
+        completion_time_s=pick(
+            float, (data, ("completion_time", "completionTime")), (usage, ("completion_time",))
+        ),
+        cost_usd=pick(float, (usage, ("cost", "cost_usd")), (data, ("cost",))),
+    )
+
+
+def _number(name: str, value: JsonValue, *, integer: bool) -> int | float:
+    """Accept a JSON number, or a numeric string; anything else is quarantined, never guessed."""
+    number: int | float
+    if isinstance(value, bool):
+        raise Quarantine(f"{name} is a boolean, not a number")
+    if isinstance(value, int | float):
+        number = value
+    elif isinstance(value, str):
+        try:
+            number = int(value) if integer and value.strip().lstrip("+-").isdigit() else float(value)
+        except ValueError:
+            raise Quarantine(f"{name} is not a number: {value[:50]!r}") from None
+    else:
+        raise Quarantine(f"{name} is not a number: {type(value).__name__}")
+    if isinstance(number, float) and not math.isfinite(number):
+        raise Quarantine(f"{name} is not a finite number")
+    if integer:
+        if isinstance(number, float):
+            if not number.is_integer():
+                raise Quarantine(f"{name} is not a whole number: {number}")
+            number = int(number)
+        if not -(2**63) <= number < 2**63:
+            raise Quarantine(f"{name} does not fit a 64-bit integer")
+    return number if integer else float(number)
+
+
+def _opt_str(value: JsonValue) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise Quarantine(f"an id or code is not a string: {type(value).__name__}")
+
+
+def _opt_text(value: JsonValue) -> str | None:
+    """Free text fields: a non-string is kept as its JSON text rather than refused."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def parse_time(value: JsonValue) -> dt.datetime | None:
+    """ISO 8601 (``Z``, offsets, milliseconds) or epoch milliseconds, as aware UTC; else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        try:
+            return dt.datetime.fromtimestamp(value / 1000, dt.UTC)
+        except (OverflowError, ValueError, OSError):
+            return None
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = dt.datetime.fromisoformat(value.strip())
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=dt.UTC)
+    return parsed.astimezone(dt.UTC)

@@ -1,0 +1,29 @@
+"""The receiver's exceptions.
+
+    ReceiverError
+    ├── Quarantine        a stored body we cannot make sense of (kept, flagged, answered 2xx)
+    ├── LedgerUnavailable the database cannot take the raw delivery (answered 503)
+    └── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
+"""
+
+from __future__ import annotations
+
+
+class ReceiverError(Exception):
+    """Base of everything the receiver raises on purpose."""
+
+
+class Quarantine(ReceiverError):
+    """The body is stored but cannot be turned into facts; ``reason`` says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class LedgerUnavailable(ReceiverError):
+    """The raw delivery could not be committed."""
+
+
+class SchemaOutOfDate(ReceiverError):
+    """The database schema is older than this code's migrations."""

@@ -1,0 +1,242 @@
+"""The raw ledger: every delivery, committed before it is answered.
+
+This is the hot path, so it talks to the database driver directly and
+commits in groups: one writer thread takes whatever deliveries are waiting,
+writes them in one transaction and only then resolves each request's future.
+Under load that is one fsync for many deliveries; when idle it is one each,
+with no added wait. Duplicates are decided by a unique index on
+``first_key``, so concurrent redeliveries collapse even across processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy import Engine
+
+from receiver.db import driver_time, is_sqlite, paramstyle, utcnow
+from receiver.errors import LedgerUnavailable
+
+log = logging.getLogger("receiver.ledger")
+
+MAX_BATCH = 256
+
+
+def new_delivery_id(now: dt.datetime | None = None) -> str:
+    """A UUIDv7: time-ordered, so ids sort by arrival and index well."""
+    millis = int((now or utcnow()).timestamp() * 1000)
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (millis & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64
+    value |= 0b10 << 62 | rand & ((1 << 62) - 1)
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+def parse_labels(query_string: str) -> dict[str, str]:
+    """Query-string labels; a repeated key keeps its last value (the raw string is kept too)."""
+    return dict(parse_qsl(query_string, keep_blank_values=True))
+
+
+@dataclass(frozen=True)
+class RawDelivery:
+    """A delivery as it came off the wire, before anything is made of it."""
+
+    hook: str
+    body: bytes
+    content_type: str | None
+    headers: tuple[tuple[str, str], ...]
+    query_string: str
+    id: str = field(default_factory=new_delivery_id)
+    received_at: dt.datetime = field(default_factory=utcnow)
+    #: Authorised by a global token: the hook is created if it does not exist yet.
+    create_hook: bool = False
+
+    @cached_property
+    def body_sha256(self) -> str:
+        return hashlib.sha256(self.body).hexdigest()
+
+    @cached_property
+    def dedupe_key(self) -> str:
+        """Same hook, same query string, same bytes: the same delivery."""
+        material = json.dumps([self.hook, self.query_string, self.body_sha256])
+        return hashlib.sha256(material.encode()).hexdigest()
+
+    @cached_property
+    def labels(self) -> dict[str, str]:
+        return parse_labels(self.query_string)
+
+
+@dataclass(frozen=True)
+class Recorded:
+    """What the ledger did with a delivery: ``stored`` or ``duplicate`` (of ``duplicate_of``)."""
+
+    delivery_id: str
+    status: str
+    duplicate_of: str | None = None
+
+
+_INSERT = """
+INSERT INTO deliveries (id, hook, received_at, body, body_sha256, body_size, content_type,
+    headers, query_string, labels, dedupe_key, first_key, duplicate_of, status)
+VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+"""
+_INSERT_FIRST = _INSERT + " ON CONFLICT (first_key) DO NOTHING RETURNING id"
+_INSERT_HOOK = "INSERT INTO hooks (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
+_FIND_FIRST = "SELECT id FROM deliveries WHERE first_key = ?"
+
+
+def write_deliveries(engine: Engine, cursor: Any, deliveries: Sequence[RawDelivery]) -> list[Recorded]:
+    """Insert ``deliveries`` through a raw DBAPI cursor; the caller commits."""
+    sql_first = paramstyle(engine, _INSERT_FIRST)
+    sql_dup = paramstyle(engine, _INSERT)
+    sql_hook = paramstyle(engine, _INSERT_HOOK)
+    sql_find = paramstyle(engine, _FIND_FIRST)
+    hooks_done: set[str] = set()
+    results: list[Recorded] = []
+    for d in deliveries:
+        if d.create_hook and d.hook not in hooks_done:
+            cursor.execute(sql_hook, (d.hook, driver_time(engine, d.received_at)))
+            hooks_done.add(d.hook)
+        common = (
+            d.id,
+            d.hook,
+            driver_time(engine, d.received_at),
+            d.body,
+            d.body_sha256,
+            len(d.body),
+            d.content_type,
+            json.dumps([list(h) for h in d.headers]),
+            d.query_string,
+            json.dumps(d.labels),
+            d.dedupe_key,
+        )
+        cursor.execute(sql_first, (*common, d.dedupe_key, None, "stored"))
+        if cursor.fetchone() is not None:
+            results.append(Recorded(d.id, "stored"))
+            continue
+        cursor.execute(sql_find, (d.dedupe_key,))
+        row = cursor.fetchone()
+        first = row[0] if row else None
+        cursor.execute(sql_dup, (*common, None, first, "duplicate"))
+        results.append(Recorded(d.id, "duplicate", first))
+    return results
+
+
+_Item = tuple[RawDelivery, "Future[Recorded]"]
+
+
+class Ledger:
+    """Group-committing writer of raw deliveries. `start` it, `record` from async code."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        on_committed: Callable[[list[Recorded]], None] | None = None,
+        max_batch: int = MAX_BATCH,
+    ) -> None:
+        self.engine = engine
+        self.on_committed = on_committed
+        self.max_batch = max_batch
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._conn: Any = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop the writer."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+        self._close()
+
+    async def record(self, delivery: RawDelivery) -> Recorded:
+        """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it."""
+        future: Future[Recorded] = Future()
+        self._queue.put((delivery, future))
+        return await asyncio.wrap_future(future)
+
+    def record_sync(self, deliveries: Sequence[RawDelivery]) -> list[Recorded]:
+        """Commit ``deliveries`` from a plain thread (spool drain, tools, tests)."""
+        futures: list[Future[Recorded]] = []
+        for d in deliveries:
+            f: Future[Recorded] = Future()
+            self._queue.put((d, f))
+            futures.append(f)
+        return [f.result() for f in futures]
+
+    def _run(self) -> None:
+        stopping = False
+        while not stopping:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch: list[_Item] = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stopping = True
+                    break
+                batch.append(item)
+            self._write(batch)
+
+    def _write(self, batch: list[_Item]) -> None:
+        started = time.perf_counter()
+        try:
+            if self._conn is None:
+                self._conn = self.engine.raw_connection()
+            cursor = self._conn.cursor()
+            try:
+                results = write_deliveries(self.engine, cursor, [d for d, _ in batch])
+            finally:
+                cursor.close()
+            self._conn.commit()
+        except Exception as exc:
+            log.warning("ledger write of %d deliveries failed: %s", len(batch), type(exc).__name__)
+            self._close()
+            error = LedgerUnavailable(f"database refused the delivery: {type(exc).__name__}")
+            for _, future in batch:
+                future.set_exception(error)
+            return
+        log.debug("committed %d deliveries in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3)
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
+        if self.on_committed is not None:
+            try:
+                self.on_committed(results)
+            except Exception:  # processing is best effort: the raw rows are committed
+                log.exception("on_committed hook failed")
+
+    def _close(self) -> None:
+        if self._conn is not None:
+            try:
+                self._conn.rollback()
+                self._conn.close()
+            except Exception:
+                log.debug("closing a broken ledger connection failed", exc_info=True)
+            self._conn = None
+
+
+__all__ = ["Ledger", "RawDelivery", "Recorded", "is_sqlite", "new_delivery_id", "write_deliveries"]

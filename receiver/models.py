@@ -1,0 +1,161 @@
+"""The core tables. Alembic migrations create them; a test keeps the two in step.
+
+Result tables (one per hook and nested list) are dynamic and live in `schema`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+UtcDateTime = DateTime(timezone=True)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class Hook(Base):
+    """A webhook endpoint, `/hooks/{name}`; created by `hooks add` or on first sight."""
+
+    __tablename__ = "hooks"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    output_type: Mapped[str | None] = mapped_column(String(32))
+    output_schema: Mapped[Any | None] = mapped_column(JSON)
+
+
+class Token(Base):
+    """An accepted Authorization value, stored only as its SHA-256. ``hook`` NULL: any hook."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    hook: Mapped[str | None] = mapped_column(ForeignKey("hooks.name"), index=True)
+    token_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+
+class Delivery(Base):
+    """One POST exactly as received. Never updated except for its processing state."""
+
+    __tablename__ = "deliveries"
+    __table_args__ = (
+        Index("ix_deliveries_hook_received_at", "hook", "received_at"),
+        Index("ix_deliveries_status", "status"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    hook: Mapped[str] = mapped_column(String(128))
+    received_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    body_sha256: Mapped[str] = mapped_column(String(64))
+    body_size: Mapped[int] = mapped_column(Integer)
+    content_type: Mapped[str | None] = mapped_column(Text)
+    headers: Mapped[str] = mapped_column(Text)
+    query_string: Mapped[str] = mapped_column(Text)
+    labels: Mapped[str] = mapped_column(Text)
+    dedupe_key: Mapped[str] = mapped_column(String(64), index=True)
+    #: Set on the first delivery of a key only: the unique index is what makes
+    #: concurrent redeliveries collapse, not a check-then-insert.
+    first_key: Mapped[str | None] = mapped_column(String(64), unique=True)
+    duplicate_of: Mapped[str | None] = mapped_column(String(36))
+    status: Mapped[str] = mapped_column(String(16))
+    kind: Mapped[str | None] = mapped_column(String(32))
+    output_type: Mapped[str | None] = mapped_column(String(32))
+    session_id: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(Text)
+    reason: Mapped[str | None] = mapped_column(Text)
+    processed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+
+
+class Task(Base):
+    """One WebRun task, merged from every delivery that speaks of it."""
+
+    __tablename__ = "tasks"
+
+    #: JSON text of ``[session_id, task_id]``: unique even when session_id is NULL.
+    task_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    session_id: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str] = mapped_column(Text, index=True)
+    hook: Mapped[str] = mapped_column(String(128), index=True)
+    status: Mapped[str | None] = mapped_column(String(16))
+    output_type: Mapped[str | None] = mapped_column(String(32))
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    total_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    compute_time_s: Mapped[float | None] = mapped_column(Float)
+    completion_time_s: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    guardrail_type: Mapped[str | None] = mapped_column(Text)
+    guardrail_value: Mapped[str | None] = mapped_column(Text)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    first_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
+    last_delivery_id: Mapped[str] = mapped_column(String(36))
+    labels: Mapped[str] = mapped_column(Text)
+    extra: Mapped[str | None] = mapped_column(Text)
+
+
+class Output(Base):
+    """Each processed delivery's output, normalised: the text, JSON text or CSV text."""
+
+    __tablename__ = "outputs"
+
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id"), primary_key=True)
+    hook: Mapped[str] = mapped_column(String(128), index=True)
+    session_id: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(Text, index=True)
+    output_type: Mapped[str] = mapped_column(String(32))
+    content: Mapped[str] = mapped_column(Text)
+
+
+class ResultTable(Base):
+    """Catalog of result tables: which hook and JSON path each holds, and its parent."""
+
+    __tablename__ = "result_tables"
+
+    table_name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    hook: Mapped[str] = mapped_column(String(128), index=True)
+    path: Mapped[str] = mapped_column(Text)
+    parent_table: Mapped[str | None] = mapped_column(String(63))
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+
+
+class ResultColumn(Base):
+    """Catalog of result columns: the SQL name, the source key as written, the type."""
+
+    __tablename__ = "result_columns"
+
+    table_name: Mapped[str] = mapped_column(
+        ForeignKey("result_tables.table_name"), primary_key=True
+    )
+    column_name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    source_key: Mapped[str] = mapped_column(Text)
+    type: Mapped[str] = mapped_column(String(16))
+    position: Mapped[int] = mapped_column(Integer)
