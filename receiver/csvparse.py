@@ -482,7 +482,8 @@ def looks_like_csv(text: str) -> bool:
         records.append(record)
     if len(records) < 2:
         return False
-    if any(_MARKDOWN_LINE.match(line) for line in text.splitlines() if line.strip()):
+    # Only record starts: a quoted cell may legitimately hold a markdown list.
+    if any(_MARKDOWN_LINE.match(record.raw) for record in records):
         return False
     header = records[0]
     labels = [field.strip() for field in header.fields]

@@ -445,6 +445,7 @@ def test_keys_stay_unique_when_header_mimics_suffix() -> None:
             False,
             id="markdown-table",
         ),
+        pytest.param('a,notes\n1,"- one\n- two"\n2,x\n', True, id="markdown-in-cell"),
         pytest.param("- apples, pears\n- plums, figs\n", False, id="bullets"),
         pytest.param("* apples, pears\n* plums, figs\n", False, id="star-bullets"),
         pytest.param("Successfully searched for Anthropic on Google", False, id="prose"),
