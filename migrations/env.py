@@ -11,7 +11,9 @@ from receiver.models import Base
 from receiver.settings import Settings
 
 
-def _include(obj: object, name: str | None, type_: str, reflected: bool, compare_to: object) -> bool:
+def _include(
+    obj: object, name: str | None, type_: str, reflected: bool, compare_to: object
+) -> bool:
     # Result tables are created at run time by `receiver.schema`, not by migrations.
     return not (type_ == "table" and name is not None and name.startswith("results__"))
 

@@ -15,12 +15,11 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, TypeAlias
+from typing import Any
 
+from receiver.columns import JsonValue
 from receiver.csvparse import looks_like_csv
 from receiver.errors import Quarantine
-
-JsonValue: TypeAlias = None | bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"]
 
 
 class Kind(StrEnum):
@@ -266,7 +265,9 @@ def _number(name: str, value: JsonValue, *, integer: bool) -> int | float:
         number = value
     elif isinstance(value, str):
         try:
-            number = int(value) if integer and value.strip().lstrip("+-").isdigit() else float(value)
+            number = (
+                int(value) if integer and value.strip().lstrip("+-").isdigit() else float(value)
+            )
         except ValueError:
             raise Quarantine(f"{name} is not a number: {value[:50]!r}") from None
     else:

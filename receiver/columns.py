@@ -14,6 +14,9 @@ import unicodedata
 from enum import StrEnum
 from typing import TypeAlias
 
+#: A parsed JSON document, as the stdlib parser returns it.
+JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
+
 #: What a loader may put in a cell. JSON values travel as their JSON text.
 Cell: TypeAlias = int | float | bool | str | dt.datetime | dt.date | None
 
@@ -26,6 +29,7 @@ INT64_MAX = 2**63 - 1
 
 _UNSAFE = re.compile(r"[^a-z0-9_]+")
 _UNDERSCORES = re.compile(r"_+")
+_CAMEL = re.compile(r"(?<=[a-z0-9])(?=[A-Z])|(?<=[A-Z])(?=[A-Z][a-z])")
 
 
 class ColumnType(StrEnum):
@@ -41,13 +45,14 @@ class ColumnType(StrEnum):
 
 
 def sanitise_identifier(name: str, *, fallback: str = "col") -> str:
-    """Reduce ``name`` to a short lowercase ``[a-z0-9_]`` identifier.
+    """Reduce ``name`` to a short snake_case ``[a-z0-9_]`` identifier.
 
     Runs of underscores collapse to one, so ``__`` stays free to mean nesting.
     A name that had to be shortened ends in a hash of the original, so two
     long names that share a prefix stay distinct.
     """
     ascii_name = unicodedata.normalize("NFKD", name).encode("ascii", "ignore").decode("ascii")
+    ascii_name = _CAMEL.sub("_", ascii_name)  # inStock -> in_stock, as analysts write SQL
     cleaned = _UNDERSCORES.sub("_", _UNSAFE.sub("_", ascii_name.lower())).strip("_")
     if not cleaned:
         cleaned = fallback

@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from receiver.errors import SchemaOutOfDate
 from receiver.settings import Settings
 
+_MIGRATION_LOCK = 0x5EB7_0000
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -55,6 +56,13 @@ def create_db_engine(settings: Settings) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
+            # Take the write lock at BEGIN: a deferred transaction that later writes can
+            # fail at once with SQLITE_BUSY_SNAPSHOT under WAL, whatever the busy timeout.
+            dbapi_connection.isolation_level = None
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Any) -> None:
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
@@ -67,8 +75,22 @@ def alembic_config(engine: Engine) -> Config:
 
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the core schema to ``revision`` through the Alembic migrations."""
-    command.upgrade(alembic_config(engine), revision)
+    """Bring the core schema to ``revision`` through the Alembic migrations.
+
+    On PostgreSQL a session advisory lock makes receivers that start together
+    take turns instead of racing through the same DDL.
+    """
+    if is_sqlite(engine):
+        command.upgrade(alembic_config(engine), revision)
+        return
+    with engine.connect() as conn:
+        conn.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
+        conn.commit()
+        try:
+            command.upgrade(alembic_config(engine), revision)
+        finally:
+            conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})")
+            conn.commit()
 
 
 def check_schema(engine: Engine) -> None:
@@ -86,7 +108,11 @@ def check_schema(engine: Engine) -> None:
 def driver_time(engine: Engine, value: dt.datetime) -> Any:
     """A UTC time in the form the raw driver stores like SQLAlchemy does."""
     if is_sqlite(engine):
-        return value.astimezone(dt.UTC).replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
+        return (
+            value.astimezone(dt.UTC)
+            .replace(tzinfo=None)
+            .isoformat(sep=" ", timespec="microseconds")
+        )
     return value
 
 
@@ -97,7 +123,9 @@ def paramstyle(engine: Engine, sql: str) -> str:
 
 def insert_for(engine_or_dialect: Engine | str) -> Any:
     """The dialect's ``insert`` construct, which knows ``ON CONFLICT``."""
-    name = engine_or_dialect if isinstance(engine_or_dialect, str) else engine_or_dialect.dialect.name
+    name = (
+        engine_or_dialect if isinstance(engine_or_dialect, str) else engine_or_dialect.dialect.name
+    )
     if name == "sqlite":
         from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 

@@ -1,9 +1,9 @@
 """The receiver's exceptions.
 
-    ReceiverError
-    ├── Quarantine        a stored body we cannot make sense of (kept, flagged, answered 2xx)
-    ├── LedgerUnavailable the database cannot take the raw delivery (answered 503)
-    └── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
+ReceiverError
+├── Quarantine        a stored body we cannot make sense of (kept, flagged, answered 2xx)
+├── LedgerUnavailable the database cannot take the raw delivery (answered 503)
+└── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
 """
 
 from __future__ import annotations

@@ -99,7 +99,9 @@ _INSERT_HOOK = "INSERT INTO hooks (name, created_at) VALUES (?, ?) ON CONFLICT (
 _FIND_FIRST = "SELECT id FROM deliveries WHERE first_key = ?"
 
 
-def write_deliveries(engine: Engine, cursor: Any, deliveries: Sequence[RawDelivery]) -> list[Recorded]:
+def write_deliveries(
+    engine: Engine, cursor: Any, deliveries: Sequence[RawDelivery]
+) -> list[Recorded]:
     """Insert ``deliveries`` through a raw DBAPI cursor; the caller commits."""
     sql_first = paramstyle(engine, _INSERT_FIRST)
     sql_dup = paramstyle(engine, _INSERT)
@@ -208,6 +210,8 @@ class Ledger:
             if self._conn is None:
                 self._conn = self.engine.raw_connection()
             cursor = self._conn.cursor()
+            if is_sqlite(self.engine):
+                cursor.execute("BEGIN IMMEDIATE")
             try:
                 results = write_deliveries(self.engine, cursor, [d for d, _ in batch])
             finally:
@@ -220,7 +224,9 @@ class Ledger:
             for _, future in batch:
                 future.set_exception(error)
             return
-        log.debug("committed %d deliveries in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3)
+        log.debug(
+            "committed %d deliveries in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3
+        )
         for (_, future), result in zip(batch, results, strict=True):
             future.set_result(result)
         if self.on_committed is not None:
@@ -237,6 +243,3 @@ class Ledger:
             except Exception:
                 log.debug("closing a broken ledger connection failed", exc_info=True)
             self._conn = None
-
-
-__all__ = ["Ledger", "RawDelivery", "Recorded", "is_sqlite", "new_delivery_id", "write_deliveries"]

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Engine, delete, select, update
+from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 
 from receiver.classify import Envelope, OutputType, classify
 from receiver.db import utcnow
@@ -48,14 +48,17 @@ def expected_output(conn: Connection, hook: str) -> tuple[OutputType | None, Any
 def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Outcome:
     """Derive tasks, outputs and result rows from one stored delivery."""
     with engine.connect() as conn:
-        row = conn.execute(select(Delivery).where(Delivery.id == delivery_id)).first()
+        row = conn.execute(select(Delivery.__table__).where(Delivery.id == delivery_id)).first()
         if row is None:
             raise LookupError(delivery_id)
-        delivery: Delivery = row[0]
+        delivery = row
+        hook = delivery.hook
         if delivery.status == "duplicate":
+            conn.rollback()
             return Outcome(delivery_id, "duplicate")
         expected, schema = expected_output(conn, delivery.hook)
         labels: dict[str, str] = json.loads(delivery.labels)
+        conn.rollback()  # end the read; the writes below run in their own transaction
         try:
             envelope = classify(delivery.body, delivery.content_type, expected=expected)
             with conn.begin():
@@ -71,7 +74,7 @@ def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Out
             log.exception("processing delivery %s failed", delivery_id)
             reason = f"processing failed: {type(exc).__name__}: {str(exc)[:300]}"
         with conn.begin():
-            delete_derived(conn, delivery_id)
+            delete_derived(conn, delivery_id, hook)
             conn.execute(
                 update(Delivery)
                 .where(Delivery.id == delivery_id)
@@ -80,20 +83,20 @@ def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Out
         return Outcome(delivery_id, "quarantined", reason)
 
 
-def delete_derived(conn: Connection, delivery_id: str) -> None:
+def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
     conn.execute(delete(Output).where(Output.delivery_id == delivery_id))
-    delete_results(conn, delivery_id)
+    delete_results(conn, delivery_id, hook)
 
 
 def _replace_derived(
     conn: Connection,
-    delivery: Delivery,
+    delivery: Row[Any],
     envelope: Envelope,
     labels: dict[str, str],
     schema: Any,
     max_depth: int,
 ) -> None:
-    delete_derived(conn, delivery.id)
+    delete_derived(conn, delivery.id, delivery.hook)
     task = task_row(
         envelope,
         hook=delivery.hook,
@@ -107,7 +110,7 @@ def _replace_derived(
     output = envelope.output
     if output is not None:
         conn.execute(
-            Output.__table__.insert().values(
+            insert(Output).values(
                 delivery_id=delivery.id,
                 hook=delivery.hook,
                 session_id=session_id,
@@ -123,6 +126,7 @@ def _replace_derived(
             delivery_id=delivery.id,
             session_id=session_id,
             task_id=task_id,
+            received_at=delivery.received_at,
             schema=schema,
             max_depth=max_depth,
         )

@@ -55,9 +55,7 @@ from dataclasses import dataclass, field
 from json.encoder import encode_basestring
 from typing import TypeAlias
 
-from receiver.columns import INT64_MAX, INT64_MIN, Cell, ColumnType, sanitise_identifier
-
-JsonValue: TypeAlias = bool | int | float | str | list["JsonValue"] | dict[str, "JsonValue"] | None
+from receiver.columns import INT64_MAX, INT64_MIN, Cell, ColumnType, JsonValue, sanitise_identifier
 
 Key: TypeAlias = tuple[str, ...]
 

@@ -28,7 +28,11 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "Comma-separated accepted `Authorization` values (full values, e.g. `Bearer abc`),"
         " valid on every hook. Unset and no token stored: the first `serve` makes one.",
     ),
-    ("RECEIVER_MAX_BODY_BYTES", str(DEFAULT_MAX_BODY_BYTES), "Largest accepted body; over it: 413."),
+    (
+        "RECEIVER_MAX_BODY_BYTES",
+        str(DEFAULT_MAX_BODY_BYTES),
+        "Largest accepted body; over it: 413.",
+    ),
     ("RECEIVER_DATA_DIR", "data", "Folder for the SQLite file and the spool."),
     (
         "RECEIVER_SQLITE_SYNCHRONOUS",
@@ -65,7 +69,10 @@ class Settings:
         )
         synchronous = env.get("RECEIVER_SQLITE_SYNCHRONOUS", "FULL").upper()
         if synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-            raise ValueError(f"RECEIVER_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA, not {synchronous!r}")
+            raise ValueError(
+                "RECEIVER_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA,"
+                f" not {synchronous!r}"
+            )
         log_format = env.get("RECEIVER_LOG_FORMAT", "plain")
         if log_format not in {"plain", "json"}:
             raise ValueError(f"RECEIVER_LOG_FORMAT must be plain or json, not {log_format!r}")

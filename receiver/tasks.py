@@ -39,7 +39,7 @@ MERGED = (
 
 
 def task_ids(envelope: Envelope, labels: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """The body's ids, else the URL's ``session_id``/``task_id`` labels (``ai_response`` has none)."""
+    """The body's ids, else the URL's ``session_id``/``task_id`` labels (for ``ai_response``)."""
     if envelope.task_id is not None:
         return envelope.session_id, envelope.task_id
     task_id = labels.get("task_id") or labels.get("taskId") or None

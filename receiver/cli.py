@@ -1,0 +1,324 @@
+"""The ``receiver`` command: a thin click layer over the library.
+
+Each command's docstring is its ``--help``.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table as RichTable
+from sqlalchemy import Engine, insert, select, update
+
+from receiver import auth
+from receiver.db import create_db_engine, upgrade, utcnow
+from receiver.models import Delivery, Hook, Output, ResultColumn, ResultTable, Task
+from receiver.settings import Settings
+
+
+def _engine(ctx: click.Context) -> Engine:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "engine" not in obj:
+        obj["engine"] = create_db_engine(obj["settings"])
+    engine: Engine = obj["engine"]
+    return engine
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.ensure_object(dict)["settings"]
+    return settings
+
+
+def webhook_object(name: str, url: str, token: str, submitted: str = "full_response") -> str:
+    """The ``webhook`` block to paste into a WebRun task config."""
+    return json.dumps(
+        {"webhook": {"name": name, "url": url, "auth": token, "submittedData": submitted}}, indent=2
+    )
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    table = RichTable(title=title)
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    Console().print(table)
+
+
+@click.group()
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """WebRun Receiver: store every WebRun webhook delivery and turn it into SQL."""
+    ctx.ensure_object(dict)["settings"] = Settings.from_env()
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--workers", default=1, show_default=True, type=int, help="uvicorn worker processes")
+@click.pass_context
+def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
+    """Migrate the database, then receive deliveries on POST /hooks/{name}."""
+    import uvicorn
+
+    from receiver.app import create_app
+
+    settings = _settings(ctx)
+    engine = _engine(ctx)
+    upgrade(engine)
+    if not auth.has_any_token(engine, settings.tokens):
+        token = auth.add_token(engine, None)
+        click.echo("No token was configured, so one was made. It is shown only this once:")
+        click.echo(f"  Authorization: {token}")
+        click.echo("Paste this into your WebRun task config (any hook name works):")
+        click.echo(webhook_object("default", f"http://{host}:{port}/hooks/default", token))
+    if workers > 1:
+        uvicorn.run(
+            "receiver.app:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            timeout_graceful_shutdown=25,
+        )
+    else:
+        uvicorn.run(
+            create_app(settings, engine=engine), host=host, port=port, timeout_graceful_shutdown=25
+        )
+
+
+@main.group()
+def db() -> None:
+    """Database schema commands."""
+
+
+@db.command("upgrade")
+@click.pass_context
+def db_upgrade(ctx: click.Context) -> None:
+    """Create or upgrade the core schema (Alembic migrations)."""
+    upgrade(_engine(ctx))
+    click.echo("database is up to date")
+
+
+@main.group()
+def hooks() -> None:
+    """Create, list, rotate and revoke hooks and their tokens."""
+
+
+@hooks.command("add")
+@click.argument("name")
+@click.option("--schema", "schema_file", type=click.File("r"), help="WebRun outputSchema (JSON)")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="receiver base URL")
+@click.pass_context
+def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None:
+    """Create hook NAME with its own token, printed once with its webhook object.
+
+    With --schema, the hook's outputSchema (a JSON Schema object, or a list of
+    CSV column names) fixes its output type and validates each payload.
+    """
+    engine = _engine(ctx)
+    upgrade(engine)
+    schema = json.load(schema_file) if schema_file else None
+    output_type = None
+    if isinstance(schema, list):
+        output_type = "structured_csv"
+    elif isinstance(schema, dict):
+        output_type = "structured_json"
+    elif schema is not None:
+        raise click.BadParameter("the schema must be a JSON object or a list of column names")
+    with engine.begin() as conn:
+        exists = conn.scalar(select(Hook.name).where(Hook.name == name)) is not None
+        if exists:
+            conn.execute(
+                update(Hook)
+                .where(Hook.name == name)
+                .values(output_type=output_type, output_schema=schema)
+            )
+        else:
+            conn.execute(
+                insert(Hook).values(
+                    name=name, created_at=utcnow(), output_type=output_type, output_schema=schema
+                )
+            )
+    token = auth.add_token(engine, name)
+    click.echo(webhook_object(name, f"{url.rstrip('/')}/hooks/{name}", token))
+
+
+@hooks.command("list")
+@click.pass_context
+def hooks_list(ctx: click.Context) -> None:
+    """List hooks with their output type, live tokens and deliveries."""
+    from sqlalchemy import func
+
+    from receiver.models import Token
+
+    engine = _engine(ctx)
+    with engine.connect() as conn:
+        tokens = dict(
+            conn.execute(
+                select(Token.hook, func.count())
+                .where(Token.revoked_at.is_(None))
+                .group_by(Token.hook)
+            ).tuples()
+        )
+        counts = dict(
+            conn.execute(select(Delivery.hook, func.count()).group_by(Delivery.hook)).tuples()
+        )
+        rows = conn.execute(select(Hook.name, Hook.output_type, Hook.created_at)).all()
+    _print_table(
+        "hooks",
+        ["hook", "output type", "own tokens", "deliveries", "created"],
+        [
+            [r.name, r.output_type, tokens.get(r.name, 0), counts.get(r.name, 0), r.created_at]
+            for r in rows
+        ],
+    )
+
+
+@hooks.command("rotate")
+@click.argument("name")
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True)
+@click.pass_context
+def hooks_rotate(ctx: click.Context, name: str, url: str) -> None:
+    """Add a new token to NAME; the old ones stay valid until `hooks revoke`."""
+    token = auth.add_token(_engine(ctx), name)
+    click.echo(webhook_object(name, f"{url.rstrip('/')}/hooks/{name}", token))
+
+
+@hooks.command("revoke")
+@click.argument("name")
+@click.pass_context
+def hooks_revoke(ctx: click.Context, name: str) -> None:
+    """Revoke every token of NAME (global tokens still work)."""
+    count = auth.revoke_tokens(_engine(ctx), name)
+    click.echo(f"revoked {count} token(s) of {name}")
+
+
+@main.command()
+@click.pass_context
+def tables(ctx: click.Context) -> None:
+    """List result tables: hook, parent, columns (with the source key each came from)."""
+    engine = _engine(ctx)
+    with engine.connect() as conn:
+        tables_ = conn.execute(select(ResultTable.__table__).order_by(ResultTable.table_name)).all()
+        columns = conn.execute(
+            select(ResultColumn.__table__).order_by(ResultColumn.table_name, ResultColumn.position)
+        ).all()
+    by_table: dict[str, list[str]] = {}
+    for c in columns:
+        by_table.setdefault(c.table_name, []).append(f"{c.column_name} {c.type}")
+    _print_table(
+        "result tables",
+        ["table", "hook", "parent", "columns"],
+        [
+            [t.table_name, t.hook, t.parent_table, ", ".join(by_table.get(t.table_name, []))]
+            for t in tables_
+        ],
+    )
+
+
+@main.group()
+def deliveries() -> None:
+    """Inspect stored deliveries."""
+
+
+@deliveries.command("list")
+@click.option("--status", help="stored, processed, duplicate or quarantined")
+@click.option("--hook")
+@click.option("--limit", default=50, show_default=True)
+@click.pass_context
+def deliveries_list(ctx: click.Context, status: str | None, hook: str | None, limit: int) -> None:
+    """List the newest deliveries."""
+    query = (
+        select(
+            Delivery.id,
+            Delivery.hook,
+            Delivery.received_at,
+            Delivery.status,
+            Delivery.kind,
+            Delivery.output_type,
+            Delivery.body_size,
+            Delivery.reason,
+        )
+        .order_by(Delivery.id.desc())
+        .limit(limit)
+    )
+    if status:
+        query = query.where(Delivery.status == status)
+    if hook:
+        query = query.where(Delivery.hook == hook)
+    with _engine(ctx).connect() as conn:
+        rows = conn.execute(query).all()
+    _print_table(
+        "deliveries",
+        ["id", "hook", "received", "status", "kind", "output", "bytes", "reason"],
+        [list(r) for r in rows],
+    )
+
+
+@deliveries.command("show")
+@click.argument("delivery_id")
+@click.pass_context
+def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
+    """Show one delivery: its metadata, stored body, and what was derived from it."""
+    with _engine(ctx).connect() as conn:
+        row = conn.execute(select(Delivery.__table__).where(Delivery.id == delivery_id)).first()
+        if row is None:
+            raise click.ClickException(f"no delivery {delivery_id}")
+        output = conn.execute(
+            select(Output.__table__).where(Output.delivery_id == delivery_id)
+        ).first()
+        task = None
+        if row.task_id is not None:
+            task = conn.execute(
+                select(Task.__table__).where(Task.task_id == row.task_id, Task.hook == row.hook)
+            ).first()
+    meta = {k: v for k, v in row._mapping.items() if k != "body"}
+    click.echo(json.dumps(meta, indent=2, default=str))
+    click.echo("--- body ---")
+    sys.stdout.write(row.body.decode("utf-8", "replace") + "\n")
+    if output is not None:
+        click.echo(f"--- output ({output.output_type}) ---")
+        click.echo(output.content)
+    if task is not None:
+        click.echo("--- task ---")
+        click.echo(json.dumps(dict(task._mapping), indent=2, default=str))
+
+
+@main.command()
+@click.option("--hook", help="only this hook's deliveries")
+@click.option("--since", help="only deliveries received at or after this ISO time")
+@click.option("--quarantined", is_flag=True, help="only quarantined deliveries")
+@click.pass_context
+def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantined: bool) -> None:
+    """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent)."""
+    from receiver.classify import parse_time
+    from receiver.pipeline import process_delivery
+
+    engine = _engine(ctx)
+    query = select(Delivery.id).where(Delivery.status != "duplicate").order_by(Delivery.id)
+    if hook:
+        query = query.where(Delivery.hook == hook)
+    if since:
+        when = parse_time(since)
+        if when is None:
+            raise click.BadParameter(f"not an ISO time: {since}")
+        query = query.where(Delivery.received_at >= when)
+    if quarantined:
+        query = query.where(Delivery.status == "quarantined")
+    with engine.connect() as conn:
+        ids = list(conn.scalars(query))
+    counts: dict[str, int] = {}
+    with click.progressbar(ids, label="reprocessing", file=sys.stderr) as bar:
+        for delivery_id in bar:
+            outcome = process_delivery(engine, delivery_id, max_depth=_settings(ctx).max_depth)
+            counts[outcome.status] = counts.get(outcome.status, 0) + 1
+    click.echo(json.dumps({"deliveries": len(ids), **counts}))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,123 @@
+"""HTTP endpoints: read the body within the limit, authenticate, record, answer.
+
+Nothing here parses a payload: a 2xx means the raw bytes are committed, and
+everything else happens after, in `pipeline`.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response
+
+from receiver.auth import Authenticator
+from receiver.errors import LedgerUnavailable
+from receiver.ledger import Ledger, RawDelivery
+
+log = logging.getLogger("receiver.http")
+
+MAX_HOOK_NAME = 128
+#: Request headers never written to the ledger.
+SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refusing as soon as it passes ``limit`` whatever Content-Length claims."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _authorization(request: Request) -> bytes | None:
+    """The raw Authorization bytes; several Authorization headers are refused."""
+    values = [v for k, v in request.scope["headers"] if k.lower() == b"authorization"]
+    return values[0] if len(values) == 1 else None
+
+
+async def receive_delivery(request: Request) -> Response:
+    state = request.app.state
+    hook: str = request.path_params["name"]
+    started = time.perf_counter()
+    if len(hook) > MAX_HOOK_NAME or not hook.isprintable():
+        return _error(404, "unknown hook")
+    auth: Authenticator = state.authenticator
+    if not auth.is_cached(hook):
+        try:
+            await run_in_threadpool(auth.refresh, hook)
+        except Exception:
+            log.warning("token lookup failed for hook %r", hook)
+            return _error(503, "database unavailable")
+    verdict = auth.check(hook, _authorization(request))
+    if not verdict.ok:
+        log.info("delivery refused hook=%s status=401", hook)
+        return _error(401, "missing or wrong Authorization")
+    try:
+        body = await read_body(request, state.settings.max_body_bytes)
+    except BodyTooLarge:
+        log.info("delivery refused hook=%s status=413", hook)
+        return _error(413, f"body larger than {state.settings.max_body_bytes} bytes")
+    except ClientDisconnect:
+        return _error(400, "client disconnected")
+    delivery = RawDelivery(
+        hook=hook,
+        body=body,
+        content_type=request.headers.get("content-type"),
+        headers=tuple(
+            (k.decode("latin-1"), v.decode("latin-1"))
+            for k, v in request.scope["headers"]
+            if k.lower() not in SECRET_HEADERS
+        ),
+        query_string=request.scope.get("query_string", b"").decode("latin-1"),
+        create_hook=verdict.create_hook,
+    )
+    ledger: Ledger = state.ledger
+    try:
+        recorded = await ledger.record(delivery)
+    except LedgerUnavailable:
+        log.warning("delivery lost hook=%s status=503 size=%d", hook, len(body))
+        return _error(503, "database unavailable")
+    log.info(
+        "delivery hook=%s status=%s size=%d ms=%.1f id=%s",
+        hook,
+        recorded.status,
+        len(body),
+        (time.perf_counter() - started) * 1e3,
+        recorded.delivery_id,
+    )
+    return JSONResponse({"delivery_id": recorded.delivery_id, "status": recorded.status})
+
+
+async def healthz(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def readyz(request: Request) -> Response:
+    def ping() -> None:
+        with request.app.state.engine.connect() as conn:
+            conn.exec_driver_sql("SELECT 1")
+            conn.rollback()
+
+    try:
+        await run_in_threadpool(ping)
+    except Exception:
+        return _error(503, "database unavailable")
+    return JSONResponse({"status": "ready"})

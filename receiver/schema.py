@@ -1,0 +1,253 @@
+"""The result-table catalog: names, DDL and schema evolution.
+
+Every result table and column is listed in ``result_tables`` /
+``result_columns`` with the hook, JSON path or CSV header it came from, so
+sanitised names never lose what they stand for. Evolution only ever adds:
+a new key adds a column, a value that does not fit its column's type goes
+to a variant column ``<name>__v_<type>``. On PostgreSQL, DDL happens under
+a transaction-level advisory lock so that several receivers evolving one
+table at once queue up instead of failing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    select,
+    text,
+)
+from sqlalchemy.types import TypeEngine
+
+from receiver.columns import ColumnType, sanitise_identifier, unique_identifier
+from receiver.db import insert_for, utcnow
+from receiver.models import ResultColumn, ResultTable
+
+PREFIX = "results__"
+MAX_TABLE_NAME = 63
+_DDL_LOCK = 0x5EB7_0001
+
+SQL_TYPES: dict[ColumnType, TypeEngine[Any]] = {
+    ColumnType.INTEGER: BigInteger(),
+    ColumnType.FLOAT: Float(),
+    ColumnType.BOOLEAN: Boolean(),
+    ColumnType.DATE: Date(),
+    ColumnType.TIMESTAMP: DateTime(timezone=True),
+    ColumnType.TEXT: Text(),
+    ColumnType.JSON: Text(),
+}
+
+#: Columns every result table has; payload columns can never start with "_".
+SYSTEM_COLUMNS: tuple[tuple[str, TypeEngine[Any]], ...] = (
+    ("_delivery_id", Text()),
+    ("_row_index", Integer()),
+    ("_parent_index", Integer()),
+    ("_list_index", Integer()),
+    ("_session_id", Text()),
+    ("_task_id", Text()),
+    ("_received_at", DateTime(timezone=True)),
+)
+
+#: Columns added on demand for rows that did not parse cleanly (CSV repair, ragged rows).
+ROW_NOTES: dict[str, ColumnType] = {
+    "_flag": ColumnType.TEXT,
+    "_raw": ColumnType.TEXT,
+    "_extra": ColumnType.JSON,
+    "_originals": ColumnType.JSON,
+}
+
+
+@dataclass
+class TableInfo:
+    name: str
+    hook: str
+    identity: str
+    parent_table: str | None
+    #: source key (JSON text) -> (column name, type)
+    columns: dict[str, tuple[str, ColumnType]] = field(default_factory=dict)
+
+    def sqla_table(self) -> Table:
+        """A Core `Table` for inserts, with the system and catalogued columns."""
+        cols = [Column(name, type_) for name, type_ in SYSTEM_COLUMNS]
+        cols += [Column(name, SQL_TYPES[t]) for name, t in self.columns.values()]
+        return Table(self.name, MetaData(), *cols)
+
+
+def fits(value: object, column_type: ColumnType) -> bool:
+    """Whether ``value`` can be stored in a ``column_type`` column without any loss."""
+    import datetime as dt
+
+    if value is None:
+        return True
+    match column_type:
+        case ColumnType.INTEGER:
+            return isinstance(value, int) and not isinstance(value, bool)
+        case ColumnType.FLOAT:
+            if isinstance(value, bool):
+                return False
+            return isinstance(value, float) or (isinstance(value, int) and abs(value) <= 2**53)
+        case ColumnType.BOOLEAN:
+            return isinstance(value, bool)
+        case ColumnType.TIMESTAMP:
+            return isinstance(value, dt.datetime)
+        case ColumnType.DATE:
+            return isinstance(value, dt.date) and not isinstance(value, dt.datetime)
+        case _:
+            return isinstance(value, str)
+
+
+def source_key(parts: tuple[str, ...] | list[str]) -> str:
+    return json.dumps(list(parts), ensure_ascii=False)
+
+
+def table_identity(path: tuple[str, ...], parent_path: tuple[str, ...] | None) -> str:
+    return json.dumps([None if parent_path is None else list(parent_path), list(path)])
+
+
+class Catalog:
+    """The catalogued tables of one hook, read and extended inside a transaction."""
+
+    def __init__(self, conn: Connection, hook: str) -> None:
+        self.conn = conn
+        self.hook = hook
+        self._locked = False
+        self.tables: dict[str, TableInfo] = {}
+        self._load()
+
+    def _load(self) -> None:
+        self.tables = {}
+        by_name: dict[str, TableInfo] = {}
+        for t in self.conn.execute(
+            select(ResultTable.__table__).where(ResultTable.hook == self.hook)
+        ):
+            info = TableInfo(t.table_name, t.hook, t.path, t.parent_table)
+            self.tables[t.path] = info
+            by_name[t.table_name] = info
+        if by_name:
+            rows = self.conn.execute(
+                select(ResultColumn.__table__)
+                .where(ResultColumn.table_name.in_(list(by_name)))
+                .order_by(ResultColumn.table_name, ResultColumn.position)
+            )
+            for c in rows:
+                by_name[c.table_name].columns[c.source_key] = (c.column_name, ColumnType(c.type))
+
+    def _lock(self) -> None:
+        """Serialise DDL across processes, then re-read what others may have added."""
+        if self._locked:
+            return
+        if self.conn.dialect.name == "postgresql":
+            self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK})
+        self._locked = True
+        self._load()
+
+    def table(
+        self, path: tuple[str, ...], parent_path: tuple[str, ...] | None, parent: TableInfo | None
+    ) -> TableInfo:
+        """The table for ``path`` under ``parent_path``, created when first seen."""
+        identity = table_identity(path, parent_path)
+        info = self.tables.get(identity)
+        if info is not None:
+            return info
+        self._lock()
+        info = self.tables.get(identity)
+        if info is not None:
+            return info
+        name = self._new_table_name(path, parent)
+        info = TableInfo(name, self.hook, identity, parent.name if parent else None)
+        table = info.sqla_table()
+        table.append_constraint(_pk(name))
+        table.create(self.conn, checkfirst=True)
+        self.conn.execute(
+            insert_for(self.conn.dialect.name)(ResultTable)
+            .values(
+                table_name=name,
+                hook=self.hook,
+                path=identity,
+                parent_table=info.parent_table,
+                created_at=utcnow(),
+            )
+            .on_conflict_do_nothing()
+        )
+        self.tables[identity] = info
+        return info
+
+    def _new_table_name(self, path: tuple[str, ...], parent: TableInfo | None) -> str:
+        if parent is None:
+            base = PREFIX + sanitise_identifier(self.hook, fallback="hook")
+        else:
+            base = "__".join([parent.name, *(sanitise_identifier(p) for p in path[-1:])])
+        if len(base) > MAX_TABLE_NAME - 4:
+            digest = hashlib.sha256(json.dumps([self.hook, list(path)]).encode()).hexdigest()[:8]
+            base = f"{base[: MAX_TABLE_NAME - 13].rstrip('_')}_{digest}"
+        taken = set(self.conn.scalars(select(ResultTable.table_name)))
+        name = base
+        n = 2
+        while name in taken:
+            name = f"{base}_{n}"
+            n += 1
+        return name
+
+    def column(self, table: TableInfo, key: str, suggested: str, type_: ColumnType) -> str:
+        """The column for source ``key`` in ``table``, added when first seen."""
+        found = table.columns.get(key)
+        if found is not None:
+            return found[0]
+        self._lock()
+        # The reload replaced the TableInfo objects; keep the caller's in step.
+        fresh = self.tables[table.identity]
+        if fresh is not table:
+            table.columns = fresh.columns
+        found = table.columns.get(key)
+        if found is not None:
+            return found[0]
+        taken = {name for name, _ in table.columns.values()} | {n for n, _ in SYSTEM_COLUMNS}
+        name = unique_identifier(suggested, taken)
+        add_column(self.conn, table.name, name, type_)
+        self.conn.execute(
+            insert_for(self.conn.dialect.name)(ResultColumn)
+            .values(
+                table_name=table.name,
+                column_name=name,
+                source_key=key,
+                type=type_.value,
+                position=len(table.columns),
+            )
+            .on_conflict_do_nothing()
+        )
+        table.columns[key] = (name, type_)
+        self.tables[table.identity] = table
+        return name
+
+
+def _pk(table_name: str) -> PrimaryKeyConstraint:
+    return PrimaryKeyConstraint("_delivery_id", "_row_index", name=f"pk_{table_name}"[:63])
+
+
+def add_column(conn: Connection, table: str, column: str, type_: ColumnType) -> None:
+    """``ALTER TABLE ADD COLUMN``, tolerating a column another process added first."""
+    quote = conn.dialect.identifier_preparer.quote
+    sql_type = SQL_TYPES[type_].compile(dialect=conn.dialect)
+    if conn.dialect.name == "postgresql":
+        conn.execute(
+            text(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS {quote(column)} {sql_type}")
+        )
+        return
+    existing = {row[1] for row in conn.execute(text(f"PRAGMA table_info({quote(table)})"))}
+    if column not in existing:
+        conn.execute(text(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(column)} {sql_type}"))
