@@ -11,11 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.columns import INT64_MAX, INT64_MIN, ColumnType, sanitise_identifier
+from receiver.columns import INT64_MAX, INT64_MIN, ColumnType, JsonValue, sanitise_identifier
 from receiver.rows import (
     FlatRow,
     FlatTable,
-    JsonValue,
     Key,
     _dumps_iterative,
     dumps,

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One entry point for the README's commands: `scripts/dev.sh serve` or `scripts/dev.sh test`.
+# Needs only Python 3.11 on PATH (python3.11 or python3); creates .venv and installs into it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+if [ ! -x .venv/bin/python ]; then
+  "$PY" -m venv .venv
+fi
+stamp=.venv/.installed-$(cat pyproject.toml | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q -e '.[dev]'
+  touch "$stamp"
+fi
+case "${1:-}" in
+  serve)
+    shift
+    exec .venv/bin/receiver serve "$@"
+    ;;
+  test)
+    shift
+    .venv/bin/ruff check receiver tests migrations
+    .venv/bin/ruff format --check receiver tests migrations
+    .venv/bin/mypy
+    exec .venv/bin/pytest "$@"
+    ;;
+  *)
+    echo "usage: scripts/dev.sh serve|test [args]" >&2
+    exit 2
+    ;;
+esac
