@@ -101,6 +101,16 @@ def has_any_token(engine: Engine, env_tokens: Sequence[bytes]) -> bool:
         return conn.scalar(select(Token.id).where(Token.revoked_at.is_(None)).limit(1)) is not None
 
 
+def ensure_token(engine: Engine, env_tokens: Sequence[bytes]) -> str | None:
+    """Fail closed but never locked out: with no token anywhere, make a global one.
+
+    Returns the new token (to be shown once), or None when one already exists.
+    """
+    if has_any_token(engine, env_tokens):
+        return None
+    return add_token(engine, None)
+
+
 def add_token(engine: Engine, hook: str | None, now: dt.datetime | None = None) -> str:
     """Create a token (for ``hook``, or global when None), store its hash, return it once."""
     token = new_token()

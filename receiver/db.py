@@ -15,13 +15,14 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Connection, Engine, RootTransaction, create_engine, event
 from sqlalchemy.engine import make_url
 
 from receiver.errors import SchemaOutOfDate
 from receiver.settings import Settings
 
 _MIGRATION_LOCK = 0x5EB7_0000
+WRITE_OPTION = "receiver_write"
 MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
 
 
@@ -56,15 +57,26 @@ def create_db_engine(settings: Settings) -> Engine:
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.close()
-            # Take the write lock at BEGIN: a deferred transaction that later writes can
-            # fail at once with SQLITE_BUSY_SNAPSHOT under WAL, whatever the busy timeout.
+            # SQLAlchemy emits BEGIN itself (below), so `write_transaction` can ask for IMMEDIATE.
             dbapi_connection.isolation_level = None
 
         @event.listens_for(engine, "begin")
         def _begin(conn: Any) -> None:
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
+            immediate = conn.get_execution_options().get(WRITE_OPTION)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
     return engine
+
+
+def write_transaction(conn: Connection) -> RootTransaction:
+    """Begin a transaction that reads and then writes.
+
+    On SQLite it takes the write lock at BEGIN: a deferred transaction that
+    read first and writes later fails at once with SQLITE_BUSY_SNAPSHOT under
+    WAL, whatever the busy timeout. Plain reads stay deferred and never block
+    the ledger's writer.
+    """
+    return conn.execution_options(**{WRITE_OPTION: True}).begin()
 
 
 def alembic_config(engine: Engine) -> Config:
