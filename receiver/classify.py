@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -106,7 +107,8 @@ def classify(
             if is_json_media:
                 raise Quarantine(f"invalid JSON: {_short(exc)}") from None
         else:
-            return _classify_json(value, expected)
+            _refuse_lone_surrogates(text, value)
+            return _classify_json(value, text, expected)
     return Envelope(Kind.AI_RESPONSE, output=_text_output(text, expected, media == "text/csv"))
 
 
@@ -114,12 +116,25 @@ def _short(exc: BaseException) -> str:
     return str(exc)[:200] or type(exc).__name__
 
 
-def _classify_json(value: JsonValue, expected: OutputType | None) -> Envelope:
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _refuse_lone_surrogates(text: str, value: JsonValue) -> None:
+    """``"\\ud800"`` parses to a string no UTF-8 database column can hold: say so up front."""
+    if not _SURROGATE_ESCAPE.search(text):
+        return
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise Quarantine("JSON holds a lone UTF-16 surrogate escape (\\ud800-\\udfff)") from None
+
+
+def _classify_json(value: JsonValue, text: str, expected: OutputType | None) -> Envelope:
     if isinstance(value, dict) and _is_task_record(value):
         return _task_record(value, expected)
     if isinstance(value, str):
         return Envelope(Kind.AI_RESPONSE, output=_text_output(value, expected, False))
-    return Envelope(Kind.AI_RESPONSE, output=_json_output(value))
+    return Envelope(Kind.AI_RESPONSE, output=_json_output(value, text))
 
 
 _MARKERS = {"task_completed", "guardrail_trigger", "task_failed"}

@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from receiver import auth
 from receiver.app import create_app
 from receiver.db import utcnow
-from receiver.models import Delivery, Hook, Task
+from receiver.models import Delivery, Hook, Task, Token
 from receiver.settings import Settings
 from tests.conftest import TOKEN, post
 
@@ -35,11 +35,11 @@ def count_deliveries(engine: Engine) -> int:
         pytest.param({"authorization": ""}, id="empty"),
         pytest.param({"authorization": TOKEN + " "}, id="trailing-space"),
         pytest.param({"authorization": TOKEN.lower()}, id="other-case"),
-        pytest.param({"authorization": b"Bearer \xff\xfe"}, id="non-ascii"),
+        pytest.param({b"authorization": b"Bearer \xff\xfe"}, id="non-ascii"),
     ],
 )
 def test_bad_auth_is_401_and_stores_nothing(
-    client: TestClient, engine: Engine, headers: dict[str, str | bytes]
+    client: TestClient, engine: Engine, headers: dict[str, str] | dict[bytes, bytes]
 ) -> None:
     response = client.post("/hooks/h", content=BODY, headers=headers)
     assert response.status_code == 401
@@ -58,7 +58,10 @@ def test_repeated_authorization_is_refused(client: TestClient, engine: Engine) -
 def test_no_token_configured_fails_closed(settings: Settings, engine: Engine) -> None:
     with TestClient(create_app(replace(settings, tokens=()), engine=engine)) as c:
         for header in (TOKEN, "", "Bearer "):
-            assert c.post("/hooks/h", content=BODY, headers={"authorization": header}).status_code == 401
+            assert (
+                c.post("/hooks/h", content=BODY, headers={"authorization": header}).status_code
+                == 401
+            )
     assert count_deliveries(engine) == 0
 
 
@@ -68,12 +71,21 @@ def test_hook_token_only_opens_its_hook(settings: Settings, engine: Engine) -> N
     token = auth.add_token(engine, "mine")
     fast = replace(settings, auth_cache_seconds=0)
     with TestClient(create_app(fast, engine=engine)) as c:
-        assert c.post("/hooks/mine", content=BODY, headers={"authorization": token}).status_code == 200
-        assert c.post("/hooks/other", content=BODY, headers={"authorization": token}).status_code == 401
+        assert (
+            c.post("/hooks/mine", content=BODY, headers={"authorization": token}).status_code == 200
+        )
+        assert (
+            c.post("/hooks/other", content=BODY, headers={"authorization": token}).status_code
+            == 401
+        )
         # Global tokens still open every hook, including one with its own tokens.
-        assert c.post("/hooks/mine", content=b"x", headers={"authorization": TOKEN}).status_code == 200
+        assert (
+            c.post("/hooks/mine", content=b"x", headers={"authorization": TOKEN}).status_code == 200
+        )
         assert auth.revoke_tokens(engine, "mine") == 1
-        assert c.post("/hooks/mine", content=b"y", headers={"authorization": token}).status_code == 401
+        assert (
+            c.post("/hooks/mine", content=b"y", headers={"authorization": token}).status_code == 401
+        )
 
 
 def test_global_token_creates_unknown_hook(client: TestClient, engine: Engine) -> None:
@@ -84,10 +96,11 @@ def test_global_token_creates_unknown_hook(client: TestClient, engine: Engine) -
 
 def test_generated_token_is_stored_as_hash_only(engine: Engine) -> None:
     token = auth.ensure_token(engine, ())
-    assert token is not None and token.startswith("Bearer ")
+    assert token is not None
+    assert token.startswith("Bearer ")
     assert auth.ensure_token(engine, ()) is None  # made once only
     with engine.connect() as conn:
-        stored = conn.execute(select(auth.Token.token_sha256)).scalars().all()
+        stored = conn.execute(select(Token.token_sha256)).scalars().all()
     assert stored == [hashlib.sha256(token.encode()).hexdigest()]
 
 
@@ -130,22 +143,30 @@ def test_stores_exact_delivery(client: TestClient, engine: Engine) -> None:
     response = client.post(
         "/hooks/store?project=pricing&task_id=t-9&task_id=t-10",
         content=body,
-        headers={"authorization": TOKEN, "content-type": "application/json; charset=utf-8", "x-trace": "abc"},
+        headers={
+            "authorization": TOKEN,
+            "content-type": "application/json; charset=utf-8",
+            "x-trace": "abc",
+        },
     )
     assert response.status_code == 200
     answer = response.json()
     with engine.connect() as conn:
-        d = conn.execute(select(Delivery.__table__).where(Delivery.id == answer["delivery_id"])).one()
+        d = conn.execute(
+            select(Delivery.__table__).where(Delivery.id == answer["delivery_id"])
+        ).one()
     assert d.body == body
     assert d.body_sha256 == hashlib.sha256(body).hexdigest()
     assert d.body_size == len(body)
     assert d.content_type == "application/json; charset=utf-8"
     assert d.query_string == "project=pricing&task_id=t-9&task_id=t-10"
     assert json.loads(d.labels) == {"project": "pricing", "task_id": "t-10"}
-    headers = {k: v for k, v in json.loads(d.headers)}
+    headers = dict(json.loads(d.headers))
     assert headers["x-trace"] == "abc"
     assert "authorization" not in {k.lower() for k in headers}
-    received = d.received_at if d.received_at.tzinfo else d.received_at.replace(tzinfo=utcnow().tzinfo)
+    received = (
+        d.received_at if d.received_at.tzinfo else d.received_at.replace(tzinfo=utcnow().tzinfo)
+    )
     assert abs((utcnow() - received).total_seconds()) < 60
 
 
@@ -157,7 +178,9 @@ def test_duplicate_is_stored_and_marked(client: TestClient, engine: Engine) -> N
     assert second["status"] == "duplicate"
     assert other_query["status"] == "stored"
     with engine.connect() as conn:
-        dup = conn.execute(select(Delivery.__table__).where(Delivery.id == second["delivery_id"])).one()
+        dup = conn.execute(
+            select(Delivery.__table__).where(Delivery.id == second["delivery_id"])
+        ).one()
         tasks = conn.scalar(select(func.count()).select_from(Task))
     assert dup.duplicate_of == first["delivery_id"]
     assert dup.body == BODY
@@ -184,7 +207,9 @@ def test_concurrent_copies_make_one_task(client: TestClient, engine: Engine) -> 
     with engine.connect() as conn:
         assert conn.scalar(select(func.count()).select_from(Task)) == 20
         assert count_deliveries(engine) == 100
-        firsts = conn.scalar(select(func.count()).select_from(Delivery).where(Delivery.first_key.is_not(None)))
+        firsts = conn.scalar(
+            select(func.count()).select_from(Delivery).where(Delivery.first_key.is_not(None))
+        )
     assert firsts == 20
 
 
