@@ -320,5 +320,153 @@ def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantin
     click.echo(json.dumps({"deliveries": len(ids), **counts}))
 
 
+@main.command("export")
+@click.option("--out", "dest", required=True, help="folder or URI (s3://bucket/prefix)")
+@click.option("--since", help="export nothing received before this ISO time")
+@click.option("--table", "tables_", multiple=True, help="only this dataset (repeatable)")
+@click.option("--with-bodies", is_flag=True, help="include the raw delivery bodies")
+@click.option("--lag", default=2.0, show_default=True, help="skip the last SECONDS received")
+@click.option("--quiet", is_flag=True, help="no progress and no summary (for cron)")
+@click.pass_context
+def export_command(
+    ctx: click.Context,
+    dest: str,
+    since: str | None,
+    tables_: tuple[str, ...],
+    with_bodies: bool,
+    lag: float,
+    quiet: bool,
+) -> None:
+    """Write tasks, delivery metadata, result tables and rollups to DEST as Parquet.
+
+    Incremental: DEST/_manifest.json records what each run wrote, and the next
+    run exports only what is new. See `receiver.export` for the layout.
+    """
+    import datetime as dt
+
+    from rich.progress import Progress, SpinnerColumn, TextColumn
+
+    from receiver.classify import parse_time
+    from receiver.export import export
+
+    when = None
+    if since:
+        when = parse_time(since)
+        if when is None:
+            raise click.BadParameter(f"not an ISO time: {since}")
+    options: dict[str, Any] = {
+        "since": when,
+        "tables": tables_,
+        "with_bodies": with_bodies,
+        "lag": dt.timedelta(seconds=lag),
+    }
+    engine = _engine(ctx)
+    ctx.call_on_close(engine.dispose)
+    try:
+        if quiet:
+            report = export(engine, dest, **options)
+        else:
+            with Progress(
+                SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True)
+            ) as bar:
+                tasks: dict[str, Any] = {}
+
+                def show(name: str, rows: int) -> None:
+                    if name not in tasks:
+                        tasks[name] = bar.add_task(name)
+                    bar.update(tasks[name], description=f"{name}: {rows:,} rows")
+
+                report = export(engine, dest, progress=show, **options)
+    except ValueError as error:
+        raise click.ClickException(str(error)) from error
+    if not quiet:
+        summary = {name: d.rows for name, d in report.datasets.items()}
+        click.echo(json.dumps({"until": report.until.isoformat(), "rows": summary}))
+
+
+@main.command()
+@click.option(
+    "--by",
+    "by",
+    multiple=True,
+    default=("day",),
+    show_default=True,
+    help="day, week, month, hook, status or label:KEY (repeatable)",
+)
+@click.option("--since", help="first UTC day (YYYY-MM-DD), inclusive")
+@click.option("--until", help="last UTC day (YYYY-MM-DD), inclusive")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["table", "csv", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_context
+def costs(
+    ctx: click.Context, by: tuple[str, ...], since: str | None, until: str | None, format_: str
+) -> None:
+    """Sum task costs, tokens and compute time from the cost_daily / cost_by_label views.
+
+    Unknown costs are counted apart (``unknown cost``), never as $0.
+    """
+    import csv
+    import datetime as dt
+
+    from receiver import rollups
+
+    engine = _engine(ctx)
+    ctx.call_on_close(engine.dispose)
+    try:
+        first = dt.date.fromisoformat(since) if since else None
+        last = dt.date.fromisoformat(until) if until else None
+        rows = rollups.costs(engine, by, since=first, until=last)
+    except ValueError as error:
+        raise click.BadParameter(str(error)) from error
+    columns = list(by)
+    records = [r.as_dict(columns) for r in rows]
+    if format_ == "json":
+        click.echo(json.dumps(records, indent=2))
+        return
+    if format_ == "csv":
+        writer = csv.DictWriter(sys.stdout, fieldnames=[*columns, *rollups.MEASURES])
+        writer.writeheader()
+        writer.writerows(records)
+        return
+    total = rollups.total(rows)
+    cells = [[*r.key, *_measure_cells(r)] for r in rows]
+    cells.append(["total", *[""] * (len(columns) - 1), *_measure_cells(total)])
+    _print_table(
+        "costs",
+        [
+            *columns,
+            "tasks",
+            "cost unknown",
+            "in tokens",
+            "out tokens",
+            "tokens",
+            "compute s",
+            "USD",
+        ],
+        cells,
+    )
+
+
+def _measure_cells(row: Any) -> list[str]:
+    def number(value: float | int | None, spec: str) -> str:
+        return "" if value is None else format(value, spec)
+
+    cost = "unknown" if row.cost_usd is None else f"${row.cost_usd:,.4f}"
+    return [
+        f"{row.tasks:,}",
+        f"{row.tasks_unknown_cost:,}",
+        number(row.input_tokens, ","),
+        number(row.output_tokens, ","),
+        number(row.total_tokens, ","),
+        number(row.compute_time_s, ",.1f"),
+        cost,
+    ]
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -1,0 +1,153 @@
+"""Cost rollups: the ``cost_daily`` and ``cost_by_label`` views, and sums over them.
+
+The views (migration 0002) group ``tasks`` by the UTC day the receiver first
+heard of a task, its hook and status; ``cost_by_label`` also by each
+query-string label. A task is one row of ``tasks``, so redeliveries never
+count twice; failed tasks count (they cost money); a task whose cost is
+unknown is counted in ``tasks_unknown_cost`` and adds nothing to
+``cost_usd``, which stays NULL (unknown) when no task of a group has a cost.
+Money is float64, as WebRun reports it and ``tasks.cost_usd`` stores it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import BigInteger, Column, Date, Engine, Float, MetaData, Table, Text, select
+
+_views = MetaData()
+
+_MEASURES = (
+    ("tasks", BigInteger),
+    ("tasks_unknown_cost", BigInteger),
+    ("input_tokens", BigInteger),
+    ("output_tokens", BigInteger),
+    ("total_tokens", BigInteger),
+    ("compute_time_s", Float),
+    ("cost_usd", Float),
+)
+
+#: Measure columns, in view order.
+MEASURES = tuple(name for name, _ in _MEASURES)
+
+cost_daily = Table(
+    "cost_daily",
+    _views,
+    Column("day", Date),
+    Column("hook", Text),
+    Column("status", Text),
+    *(Column(name, type_()) for name, type_ in _MEASURES),
+)
+
+cost_by_label = Table(
+    "cost_by_label",
+    _views,
+    Column("day", Date),
+    Column("hook", Text),
+    Column("status", Text),
+    Column("label_key", Text),
+    Column("label_value", Text),
+    *(Column(name, type_()) for name, type_ in _MEASURES),
+)
+
+#: The rollup views by name; the export writes each as a dataset partitioned by ``day``.
+VIEWS: dict[str, Table] = {t.name: t for t in (cost_daily, cost_by_label)}
+
+GROUPINGS = ("day", "week", "month", "hook", "status")
+
+
+def parse_grouping(value: str) -> str:
+    """Check one ``--by`` value: a name of `GROUPINGS` or ``label:KEY``."""
+    if value in GROUPINGS or (value.startswith("label:") and len(value) > len("label:")):
+        return value
+    raise ValueError(f"cannot group by {value!r}: use {', '.join(GROUPINGS)} or label:KEY")
+
+
+@dataclass
+class CostRow:
+    """One group of a rollup: its key values, then the measures."""
+
+    key: tuple[str | None, ...]
+    tasks: int = 0
+    tasks_unknown_cost: int = 0
+    input_tokens: int | None = None
+    output_tokens: int | None = None
+    total_tokens: int | None = None
+    compute_time_s: float | None = None
+    cost_usd: float | None = None
+
+    def add(self, values: dict[str, Any]) -> None:
+        """Add one view row; a NULL measure is unknown and leaves the sum alone."""
+        self.tasks += values["tasks"]
+        self.tasks_unknown_cost += values["tasks_unknown_cost"]
+        for name in MEASURES[2:]:
+            value = values[name]
+            if value is not None:
+                current = getattr(self, name)
+                setattr(self, name, value if current is None else current + value)
+
+    def as_dict(self, columns: Sequence[str]) -> dict[str, Any]:
+        return {
+            **dict(zip(columns, self.key, strict=True)),
+            **{name: getattr(self, name) for name in MEASURES},
+        }
+
+
+def _key_part(grouping: str, row: dict[str, Any]) -> str | None:
+    day: dt.date = row["day"]
+    if grouping == "day":
+        return day.isoformat()
+    if grouping == "week":
+        year, week, _ = day.isocalendar()
+        return f"{year}-W{week:02d}"
+    if grouping == "month":
+        return f"{day.year:04d}-{day.month:02d}"
+    if grouping.startswith("label:"):
+        value: str | None = row["label_value"]
+        return value
+    plain: str | None = row[grouping]
+    return plain
+
+
+def costs(
+    engine: Engine,
+    by: Iterable[str] = ("day",),
+    *,
+    since: dt.date | None = None,
+    until: dt.date | None = None,
+) -> list[CostRow]:
+    """Sum the rollup over ``by`` (see `GROUPINGS`, or ``label:KEY``), days ``since``..``until``.
+
+    Both bounds are inclusive. At most one ``label:KEY`` grouping: a task with
+    labels appears once per label, so two label groupings would be a cross product.
+    """
+    groupings = [parse_grouping(g) for g in by]
+    labels = [g for g in groupings if g.startswith("label:")]
+    if len(labels) > 1:
+        raise ValueError("group by at most one label")
+    view = cost_by_label if labels else cost_daily
+    query = select(view)
+    if labels:
+        query = query.where(view.c.label_key == labels[0].removeprefix("label:"))
+    if since is not None:
+        query = query.where(view.c.day >= since)
+    if until is not None:
+        query = query.where(view.c.day <= until)
+    groups: dict[tuple[str | None, ...], CostRow] = {}
+    with engine.connect() as conn:
+        for row in conn.execute(query).mappings():
+            values = dict(row)
+            key = tuple(_key_part(g, values) for g in groupings)
+            groups.setdefault(key, CostRow(key)).add(values)
+    return [groups[k] for k in sorted(groups, key=lambda k: tuple((v is None, v or "") for v in k))]
+
+
+def total(rows: Iterable[CostRow]) -> CostRow:
+    """The sum of ``rows``, as one row with an empty key."""
+    out = CostRow(())
+    for row in rows:
+        out.add({name: getattr(row, name) for name in MEASURES})
+    return out
