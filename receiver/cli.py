@@ -118,19 +118,26 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
     """Create hook NAME with its own token, printed once with its webhook object.
 
     With --schema, the hook's outputSchema (a JSON Schema object, or a list of
-    CSV column names) fixes its output type and validates each payload.
+    CSV column names) fixes its output type and validates each payload; the
+    result table and the schema's typed columns are created at once. Run it
+    again with a new schema, then `reprocess --hook NAME --quarantined`.
     """
+    from receiver.db import write_transaction
+    from receiver.schema import declare
+
     engine = _engine(ctx)
     upgrade(engine)
     schema = json.load(schema_file) if schema_file else None
     output_type = None
     if isinstance(schema, list):
+        if not all(isinstance(c, str) for c in schema):
+            raise click.BadParameter("a CSV schema must list column names (strings)")
         output_type = "structured_csv"
     elif isinstance(schema, dict):
         output_type = "structured_json"
     elif schema is not None:
         raise click.BadParameter("the schema must be a JSON object or a list of column names")
-    with engine.begin() as conn:
+    with engine.connect() as conn, write_transaction(conn):
         exists = conn.scalar(select(Hook.name).where(Hook.name == name)) is not None
         if exists:
             conn.execute(
@@ -144,6 +151,8 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
                     name=name, created_at=utcnow(), output_type=output_type, output_schema=schema
                 )
             )
+        if schema is not None:
+            declare(conn, name, schema, max_depth=_settings(ctx).max_depth)
     token = auth.add_token(engine, name)
     click.echo(webhook_object(name, f"{url.rstrip('/')}/hooks/{name}", token))
 
@@ -198,6 +207,13 @@ def hooks_revoke(ctx: click.Context, name: str) -> None:
     click.echo(f"revoked {count} token(s) of {name}")
 
 
+def _source_text(key: Any) -> str:
+    """A catalogued source key (a JSON path, nested for variants) as ``a.b.#variant:text``."""
+    if isinstance(key, list):
+        return ".".join(_source_text(part) for part in key)
+    return str(key)
+
+
 @main.command()
 @click.pass_context
 def tables(ctx: click.Context) -> None:
@@ -210,7 +226,11 @@ def tables(ctx: click.Context) -> None:
         ).all()
     by_table: dict[str, list[str]] = {}
     for c in columns:
-        by_table.setdefault(c.table_name, []).append(f"{c.column_name} {c.type}")
+        source = _source_text(json.loads(c.source_key))
+        shown = f"{c.column_name} {c.type}"
+        if source != c.column_name:
+            shown += f" <- {source!r}"
+        by_table.setdefault(c.table_name, []).append(shown)
     _print_table(
         "result tables",
         ["table", "hook", "parent", "columns"],

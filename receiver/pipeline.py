@@ -23,6 +23,7 @@ from receiver.db import utcnow
 from receiver.errors import Quarantine
 from receiver.models import Delivery, Hook, Output
 from receiver.results import delete_results, load_results
+from receiver.schema import lock_hook
 from receiver.tasks import task_ids, task_row, upsert_task
 
 log = logging.getLogger("receiver.pipeline")
@@ -84,6 +85,12 @@ def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Out
 
 
 def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
+    """Remove what was derived from a delivery, holding the hook's load lock from here on.
+
+    The lock (PostgreSQL; SQLite's BEGIN IMMEDIATE already serialises) makes two
+    processes handling one delivery at once take turns instead of colliding.
+    """
+    lock_hook(conn, hook)
     conn.execute(delete(Output).where(Output.delivery_id == delivery_id))
     delete_results(conn, delivery_id, hook)
 
@@ -109,6 +116,8 @@ def _replace_derived(
     session_id, task_id = task_ids(envelope, labels)
     output = envelope.output
     if output is not None:
+        if "\x00" in output.text and conn.dialect.name == "postgresql":
+            raise Quarantine("the output contains NUL, which PostgreSQL text cannot hold")
         conn.execute(
             insert(Output).values(
                 delivery_id=delivery.id,

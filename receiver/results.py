@@ -3,7 +3,10 @@
 structured_json goes through `rows.flatten`, structured_csv through
 `csvparse.parse_csv`; both end here as plain dicts keyed by catalogued
 column names. A cell that does not fit its column's type goes to the
-variant column ``<name>__v_<type>``: never coerced, never dropped.
+variant column ``<name>__v_<type>``: never coerced, never dropped. JSON
+text from a depth cut and a plain string never share a column, so a reader
+can always tell them apart. Large batches go to PostgreSQL through ``COPY``
+(`insert_rows` is the one place that knows).
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
-from sqlalchemy import Connection, delete, select
+from psycopg import sql as pgsql
+from sqlalchemy import Connection, Table, delete, select
 
 from receiver.classify import Output, OutputType
 from receiver.columns import ColumnType
@@ -22,15 +26,20 @@ from receiver.csvparse import parse_csv
 from receiver.errors import Quarantine
 from receiver.models import ResultTable
 from receiver.rows import flatten
-from receiver.schema import ROW_NOTES, Catalog, TableInfo, fits, source_key
+from receiver.schema import ROW_NOTES, Catalog, TableInfo, fits, lock_hook, source_key
 
 Row = dict[str, Any]
+
+#: Above this many rows, PostgreSQL loads through COPY instead of executemany.
+COPY_THRESHOLD = 1000
+_TEXTUAL = frozenset({ColumnType.TEXT, ColumnType.JSON})
 
 
 def delete_results(conn: Connection, delivery_id: str, hook: str | None = None) -> None:
     """Remove every result row derived from ``delivery_id`` (before reprocessing it)."""
     query = select(ResultTable.table_name)
     if hook is not None:
+        lock_hook(conn, hook)
         query = query.where(ResultTable.hook == hook)
     names = list(conn.scalars(query))
     for name in names:
@@ -90,10 +99,19 @@ def _put(
     """Place one cell: in its column if it fits, else in the variant column for its type."""
     name = catalog.column(table, key, suggested, declared)
     column_type = table.columns[key][1]
-    if fits(value, column_type):
+    actual = cell_type or ColumnType.TEXT
+    if actual is ColumnType.TEXT and isinstance(value, str) and "\x00" in value and catalog.pg:
+        # PostgreSQL text cannot hold NUL: keep the string as its JSON literal instead.
+        value, actual = json.dumps(value, ensure_ascii=False), ColumnType.JSON
+    same_text_kind = not (
+        value is not None
+        and column_type in _TEXTUAL
+        and actual in _TEXTUAL
+        and actual is not column_type
+    )
+    if fits(value, column_type) and same_text_kind:
         row[name] = value
         return
-    actual = cell_type or ColumnType.TEXT
     variant_key = json.dumps([json.loads(key), f"#variant:{actual.value}"])
     variant = catalog.column(table, variant_key, f"{name}__v_{actual.value}", actual)
     row[variant] = value
@@ -183,9 +201,25 @@ def _load_csv(
 def _insert(conn: Connection, info: TableInfo, rows: list[Row]) -> int:
     if not rows:
         return 0
-    table = info.sqla_table()
+    insert_rows(conn, info.sqla_table(), rows)
+    return len(rows)
+
+
+def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
+    """Insert ``rows`` (a missing key is NULL): COPY on PostgreSQL for big batches.
+
+    Both paths hand the driver the same Python values, so they store the same thing.
+    """
     names = [c.name for c in table.columns]
+    if conn.dialect.name == "postgresql" and len(rows) > COPY_THRESHOLD:
+        statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+            pgsql.Identifier(table.name), pgsql.SQL(", ").join(map(pgsql.Identifier, names))
+        )
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        with driver.cursor() as cursor, cursor.copy(statement) as copy:
+            for row in rows:
+                copy.write_row([row.get(n) for n in names])
+        return
     # executemany needs every row to carry every key.
-    full = [{n: r.get(n) for n in names} for r in rows]
-    conn.execute(table.insert(), full)
-    return len(full)
+    conn.execute(table.insert(), [{n: r.get(n) for n in names} for r in rows])

@@ -4,15 +4,27 @@ Every result table and column is listed in ``result_tables`` /
 ``result_columns`` with the hook, JSON path or CSV header it came from, so
 sanitised names never lose what they stand for. Evolution only ever adds:
 a new key adds a column, a value that does not fit its column's type goes
-to a variant column ``<name>__v_<type>``. On PostgreSQL, DDL happens under
-a transaction-level advisory lock so that several receivers evolving one
-table at once queue up instead of failing.
+to a variant column ``<name>__v_<type>``. On PostgreSQL, a per-hook
+transaction-level advisory lock serialises the loads of one hook (so an
+``ALTER TABLE`` never waits on a load that itself waits for the DDL lock), and
+DDL happens under one global advisory lock so that several receivers evolving
+one table at once queue up instead of failing. On SQLite, ``BEGIN IMMEDIATE``
+already serialises writers.
+
+A hook's JSON Schema (`declare`) creates tables and typed columns up front,
+walking the schema exactly as `rows.flatten` walks a document, so the first
+payload finds its columns already there. A registered CSV column list creates
+the table; its columns are created by the first delivery, in the registered
+order and with the names `csvparse` gives them, because only data can tell
+an integer column from a text one (a column made TEXT up front would send
+every number to a variant column).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +49,13 @@ from sqlalchemy.types import TypeEngine
 from receiver.columns import ColumnType, sanitise_identifier, unique_identifier
 from receiver.db import insert_for, utcnow
 from receiver.models import ResultColumn, ResultTable
+from receiver.rows import VALUE_KEY, FlatColumn, FlatTable, Key, column_name
 
 PREFIX = "results__"
 MAX_TABLE_NAME = 63
 _DDL_LOCK = 0x5EB7_0001
+#: First key of the two-key advisory locks taken per hook (a key space apart from _DDL_LOCK).
+_HOOK_LOCK = 0x5EB7
 
 SQL_TYPES: dict[ColumnType, TypeEngine[Any]] = {
     ColumnType.INTEGER: BigInteger(),
@@ -119,13 +134,30 @@ def table_identity(path: tuple[str, ...], parent_path: tuple[str, ...] | None) -
     return json.dumps([None if parent_path is None else list(parent_path), list(path)])
 
 
+def lock_hook(conn: Connection, hook: str) -> None:
+    """On PostgreSQL, hold ``hook``'s load lock until the transaction ends.
+
+    Without it, a load that has deleted rows (holding a lock on the table)
+    and waits for the DDL lock deadlocks with a load that holds the DDL lock
+    and waits to ``ALTER`` that table. Re-entrant within a transaction.
+    """
+    if conn.dialect.name == "postgresql":
+        objid = zlib.crc32(hook.encode("utf-8", "surrogatepass")) - 2**31  # into int4
+        conn.execute(
+            text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), CAST(:o AS integer))"),
+            {"c": _HOOK_LOCK, "o": objid},
+        )
+
+
 class Catalog:
     """The catalogued tables of one hook, read and extended inside a transaction."""
 
     def __init__(self, conn: Connection, hook: str) -> None:
         self.conn = conn
         self.hook = hook
+        self.pg = conn.dialect.name == "postgresql"
         self._locked = False
+        lock_hook(conn, hook)
         self.tables: dict[str, TableInfo] = {}
         self._load()
 
@@ -251,3 +283,147 @@ def add_column(conn: Connection, table: str, column: str, type_: ColumnType) -> 
     existing = {row[1] for row in conn.execute(text(f"PRAGMA table_info({quote(table)})"))}
     if column not in existing:
         conn.execute(text(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(column)} {sql_type}"))
+
+
+# --------------------------------------------------------------------------- declared schemas
+
+_SCALARS: dict[str, ColumnType] = {
+    "string": ColumnType.TEXT,
+    "number": ColumnType.FLOAT,
+    "integer": ColumnType.INTEGER,
+    "boolean": ColumnType.BOOLEAN,
+}
+
+
+def declare(conn: Connection, hook: str, schema: Any, *, max_depth: int) -> list[str]:
+    """Create the result tables (and, for JSON, columns) a registered schema promises.
+
+    Returns the names of the hook's tables touched. Only adds: a column that
+    exists with another type keeps it, and misfits go to variant columns.
+    """
+    catalog = Catalog(conn, hook)
+    if isinstance(schema, list):
+        return [catalog.table((), None, None).name]
+    infos: dict[Key, TableInfo] = {}
+    for flat in json_schema_tables(schema, max_depth=max_depth):
+        parent = infos.get(flat.parent_path) if flat.parent_path is not None else None
+        info = catalog.table(flat.path, flat.parent_path, parent)
+        infos[flat.path] = info
+        for column in flat.columns.values():
+            catalog.column(info, source_key(column.key), column.name, column.type)
+    return [info.name for info in infos.values()]
+
+
+def json_schema_tables(schema: Any, *, max_depth: int) -> list[FlatTable]:
+    """The tables and typed columns `rows.flatten` would make from documents fitting ``schema``.
+
+    string, number, integer, boolean map to TEXT, FLOAT, INTEGER, BOOLEAN;
+    objects flatten into ``a__b`` columns, arrays become child tables (a
+    scalar item is the child's ``value`` column), containers past
+    ``max_depth`` become JSON columns. Whatever the schema leaves open (no
+    ``type``, several types, ``additionalProperties``) is left to the data.
+    """
+    return _SchemaWalker(schema, max_depth).run()
+
+
+class _SchemaWalker:
+    def __init__(self, schema: Any, max_depth: int) -> None:
+        self.root = schema
+        self.max_depth = max_depth
+        self.tables: dict[tuple[Key | None, Key], FlatTable] = {}
+
+    def table(self, path: Key, parent_path: Key | None) -> FlatTable:
+        found = self.tables.get((parent_path, path))
+        if found is None:
+            found = self.tables[(parent_path, path)] = FlatTable(path, {}, [], parent_path)
+        return found
+
+    def run(self) -> list[FlatTable]:
+        root = self.table((), None)
+        kind, node = self.kind(self.root)
+        if kind == "array":
+            self.row(root, self.items(node), 1)
+        elif kind is not None:
+            self.row(root, node, 1)
+        return list(self.tables.values())
+
+    def resolve(self, node: Any) -> Any:
+        """Follow local ``$ref`` pointers (``#/$defs/x``); a loop or a remote ref gives {}."""
+        seen: set[str] = set()
+        while isinstance(node, dict) and isinstance(node.get("$ref"), str):
+            ref: str = node["$ref"]
+            if not ref.startswith("#") or ref in seen:
+                return {}
+            seen.add(ref)
+            target: Any = self.root
+            for part in [p for p in ref[1:].split("/") if p]:
+                part = part.replace("~1", "/").replace("~0", "~")
+                if isinstance(target, dict) and part in target:
+                    target = target[part]
+                elif isinstance(target, list) and part.isdigit() and int(part) < len(target):
+                    target = target[int(part)]
+                else:
+                    return {}
+            node = target
+        return node
+
+    def kind(self, node: Any) -> tuple[str | None, Any]:
+        """The one non-null JSON type ``node`` allows, with the subschema that says so."""
+        node = self.resolve(node)
+        if not isinstance(node, dict):
+            return None, None
+        declared = node.get("type")
+        types = [declared] if isinstance(declared, str) else declared
+        if isinstance(types, list):
+            kinds = {t for t in types if isinstance(t, str) and t != "null"}
+            return (kinds.pop(), node) if len(kinds) == 1 else (None, None)
+        if "properties" in node:
+            return "object", node
+        if "items" in node:
+            return "array", node
+        for union in ("anyOf", "oneOf"):
+            branches = node.get(union)
+            if isinstance(branches, list):
+                found = [k for k in (self.kind(b) for b in branches) if k[0] not in (None, "null")]
+                if len(found) == 1:
+                    return found[0]
+        return None, None
+
+    def items(self, node: Any) -> Any:
+        items = node.get("items") if isinstance(node, dict) else None
+        return items if isinstance(items, dict) else None
+
+    def row(self, table: FlatTable, node: Any, depth: int) -> None:
+        """Mirror of ``_Flattener.row``: one item of ``table`` described by ``node``."""
+        kind, node = self.kind(node)
+        if kind == "object" and depth <= self.max_depth:
+            self.fill(table, (), node, depth)
+        elif kind == "array" and depth <= self.max_depth:
+            child = self.table(table.path + VALUE_KEY, table.path)
+            self.row(child, self.items(node), depth + 1)
+        elif kind is not None:
+            self.put(table, VALUE_KEY, kind)
+
+    def fill(self, table: FlatTable, prefix: Key, node: Any, level: int) -> None:
+        """Mirror of ``_Flattener.fill``: the properties of an object at ``level``."""
+        properties = node.get("properties")
+        if not isinstance(properties, dict):
+            return
+        for name, prop in properties.items():
+            key = (*prefix, str(name))
+            kind, sub = self.kind(prop)
+            if kind in ("object", "array") and level + 1 > self.max_depth:
+                self.put(table, key, "json")
+            elif kind == "object":
+                self.fill(table, key, sub, level + 1)
+            elif kind == "array":
+                child = self.table(table.path + key, table.path)
+                self.row(child, self.items(sub), level + 2)
+            elif kind is not None:
+                self.put(table, key, kind)
+
+    @staticmethod
+    def put(table: FlatTable, key: Key, kind: str) -> None:
+        column_type = ColumnType.JSON if kind in ("object", "array", "json") else _SCALARS.get(kind)
+        if column_type is not None and key not in table.columns:
+            table.columns[key] = FlatColumn(key, column_name(key), column_type)
