@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from collections.abc import Mapping
 from typing import Any
 
 import jsonschema
@@ -125,10 +124,10 @@ def _load_json(
     written = 0
     for flat in flat_tables:
         parent = infos.get((flat.parent_path,)) if flat.parent_path is not None else None
-        if flat.parent_path is not None and parent is None:
-            parent = _find_parent(infos, flat.parent_path)
         info = catalog.table(flat.path, flat.parent_path, parent)
         infos[(flat.path,)] = info
+        # One JSON encoding per column, not per cell: it dominates big loads otherwise.
+        keys = {key: source_key(key) for key in flat.columns}
         rows: list[Row] = []
         for flat_row in flat.rows:
             row: Row = {
@@ -145,7 +144,7 @@ def _load_json(
                     catalog,
                     info,
                     row,
-                    source_key(key),
+                    keys[key],
                     column.name,
                     column.type,
                     value,
@@ -156,26 +155,22 @@ def _load_json(
     return written
 
 
-def _find_parent(
-    infos: Mapping[tuple[Any, ...], TableInfo], path: tuple[str, ...]
-) -> TableInfo | None:
-    return infos.get((path,))
-
-
 def _load_csv(
     conn: Connection, catalog: Catalog, text: str, system: Row, expected: list[str] | None
 ) -> int:
     parsed = parse_csv(text, expected_columns=expected)
     info = catalog.table((), None, None)
+    keys = [source_key([column.key]) for column in parsed.columns]
+    note_keys = {name: source_key([name]) for name in ROW_NOTES}
     rows: list[Row] = []
     for index, csv_row in enumerate(parsed.rows):
         row: Row = {**system, "_row_index": index, "_parent_index": None, "_list_index": None}
-        for column, value in zip(parsed.columns, csv_row.values, strict=True):
+        for column, key, value in zip(parsed.columns, keys, csv_row.values, strict=True):
             _put(
                 catalog,
                 info,
                 row,
-                source_key([column.key]),
+                key,
                 column.name,
                 column.type,
                 value,
@@ -193,7 +188,7 @@ def _load_csv(
         }
         for name, value in notes.items():
             if value is not None:
-                row[catalog.column(info, source_key([name]), name, ROW_NOTES[name])] = value
+                row[catalog.column(info, note_keys[name], name, ROW_NOTES[name])] = value
         rows.append(row)
     return _insert(conn, info, rows)
 
