@@ -59,7 +59,7 @@ def run_cli(db_url: str, *args: str) -> Result:
     obj: dict[str, Any] = {}
     try:
         result = CliRunner().invoke(
-            main, list(args), env={"RECEIVER_DATABASE_URL": db_url}, obj=obj
+            main, list(args), env={"RECEIVER_DATABASE_URL": db_url, "COLUMNS": "240"}, obj=obj
         )
     finally:
         if "engine" in obj:

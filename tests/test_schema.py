@@ -235,6 +235,9 @@ def test_hooks_add_json_schema_creates_typed_columns(
     assert sql_types["stock"].python_type is int
     assert sql_types["in_stock"].python_type is bool
     before = {t: column_map(engine, t) for t in tables.values()}
+    listing = cli("tables").stdout
+    for name in tables.values():
+        assert name in listing
 
     payload = {
         "name": "Widget",
