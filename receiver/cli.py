@@ -6,7 +6,14 @@ Each command's docstring is its ``--help``.
 from __future__ import annotations
 
 import json
+import mimetypes
+import os
+import shutil
 import sys
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import click
@@ -16,6 +23,8 @@ from sqlalchemy import Engine, insert, select, update
 
 from receiver import auth
 from receiver.db import create_db_engine, upgrade, utcnow
+from receiver.logs import configure_logging
+from receiver.metrics import MULTIPROC_ENV
 from receiver.models import Delivery, Hook, Output, ResultColumn, ResultTable, Task
 from receiver.settings import Settings
 
@@ -68,6 +77,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     from receiver.app import create_app
 
     settings = _settings(ctx)
+    configure_logging(settings.log_format)
     engine = _engine(ctx)
     upgrade(engine)
     if not auth.has_any_token(engine, settings.tokens):
@@ -77,6 +87,12 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
         click.echo("Paste this into your WebRun task config (any hook name works):")
         click.echo(webhook_object("default", f"http://{host}:{port}/hooks/default", token))
     if workers > 1:
+        # Each worker is a process: prometheus_client's multiprocess mode keeps every
+        # worker's values in this folder and a scrape of any worker sums them.
+        metrics_dir = (settings.data_dir / "metrics").resolve()
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+        metrics_dir.mkdir(parents=True)
+        os.environ[MULTIPROC_ENV] = str(metrics_dir)
         uvicorn.run(
             "receiver.app:app_from_env",
             factory=True,
@@ -89,6 +105,100 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
         uvicorn.run(
             create_app(settings, engine=engine), host=host, port=port, timeout_graceful_shutdown=25
         )
+
+
+#: Package data: the catalogue bodies and ``index.json`` (name, content type, submittedData).
+SAMPLES = Path(__file__).resolve().parent / "samples"
+
+
+def sample_deliveries() -> list[dict[str, str]]:
+    """The built-in sample deliveries: the WebRun delivery catalogue's 15 bodies."""
+    index = SAMPLES / "index.json"
+    samples: list[dict[str, str]] = json.loads(index.read_text())
+    return samples
+
+
+def _sample(name: str) -> tuple[bytes, str]:
+    """Body and content type of the sample named ``name`` or starting with it (``01``)."""
+    samples = sample_deliveries()
+    found = [s for s in samples if s["name"] == name] or [
+        s for s in samples if s["name"].startswith(name)
+    ]
+    if len(found) != 1:
+        names = ", ".join(s["name"] for s in samples)
+        raise click.BadParameter(f"{name!r} names no single sample; samples: {names}")
+    sample = found[0]
+    body = (SAMPLES / f"{sample['name']}.body").read_bytes()
+    return body, sample["content_type"]
+
+
+@main.command()
+@click.argument(
+    "file", required=False, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+)
+@click.option("--sample", help="send a built-in sample instead of FILE: its name or number")
+@click.option("--list-samples", is_flag=True, help="list the built-in samples and exit")
+@click.option("--hook", default="default", show_default=True)
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="receiver base URL")
+@click.option("--token", help="Authorization value  [default: the first RECEIVER_TOKEN]")
+@click.option("--content-type", help="[default: the sample's, or guessed from FILE's name]")
+@click.option("--label", "labels", multiple=True, help="query label KEY=VALUE (repeatable)")
+@click.pass_context
+def send(
+    ctx: click.Context,
+    file: Path | None,
+    sample: str | None,
+    list_samples: bool,
+    hook: str,
+    url: str,
+    token: str | None,
+    content_type: str | None,
+    labels: tuple[str, ...],
+) -> None:
+    """POST FILE or a built-in sample to a running receiver, as WebRun would.
+
+    Prints the HTTP status and the answer; exits 1 unless the answer is 200.
+    """
+    if list_samples:
+        _print_table(
+            "samples",
+            ["name", "content type", "submittedData"],
+            [[s["name"], s["content_type"], s["submitted_data"]] for s in sample_deliveries()],
+        )
+        return
+    if (file is None) == (sample is None):
+        raise click.UsageError("give either FILE or --sample NAME")
+    if file is not None:
+        body = file.read_bytes()
+        guessed = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
+    else:
+        body, guessed = _sample(str(sample))
+    if token is None:
+        tokens = _settings(ctx).tokens
+        if not tokens:
+            raise click.UsageError("no token: pass --token or set RECEIVER_TOKEN")
+        token = tokens[0].decode()
+    pairs = [label.partition("=") for label in labels]
+    if any(not sep for _, sep, _ in pairs):
+        raise click.BadParameter("a label is KEY=VALUE", param_hint="--label")
+    query = urllib.parse.urlencode([(k, v) for k, _, v in pairs])
+    target = f"{url.rstrip('/')}/hooks/{urllib.parse.quote(hook, safe='')}"
+    request = urllib.request.Request(
+        target + (f"?{query}" if query else ""),
+        data=body,
+        method="POST",
+        headers={"Authorization": token, "Content-Type": content_type or guessed},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            status, answer = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, answer = exc.code, exc.read()
+    except urllib.error.URLError as exc:
+        raise click.ClickException(f"could not reach {target}: {exc.reason}") from exc
+    click.echo(f"{status} {answer.decode('utf-8', 'replace')}")
+    if status != 200:
+        ctx.exit(1)
 
 
 @main.group()

@@ -12,7 +12,7 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -157,9 +157,17 @@ def _replace_derived(
 class Pipeline:
     """A worker thread that processes committed deliveries in arrival order."""
 
-    def __init__(self, engine: Engine, *, max_depth: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        max_depth: int,
+        on_processed: Callable[[str, str], None] | None = None,
+    ) -> None:
         self.engine = engine
         self.max_depth = max_depth
+        #: Told ``(delivery_id, outcome)`` after each run: processed, quarantined or failed.
+        self.on_processed = on_processed
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -196,12 +204,19 @@ class Pipeline:
     def _run(self) -> None:
         while True:
             delivery_id = self._queue.get()
+            outcome = "failed"
             try:
                 if delivery_id is None:
                     return
-                process_delivery(self.engine, delivery_id, max_depth=self.max_depth)
+                outcome = process_delivery(
+                    self.engine, delivery_id, max_depth=self.max_depth
+                ).status
             except Exception:
                 # Left as 'stored': the next start or `receiver reprocess` picks it up.
                 log.exception("could not process delivery %s", delivery_id)
             finally:
-                self._queue.task_done()
+                try:
+                    if delivery_id is not None and self.on_processed is not None:
+                        self.on_processed(delivery_id, outcome)
+                finally:
+                    self._queue.task_done()

@@ -1,0 +1,173 @@
+"""The ``receiver`` command: `send` to a live receiver, and a hook's token lifecycle over HTTP."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+from sqlalchemy import Engine, select
+from starlette.testclient import TestClient
+
+from receiver.app import create_app
+from receiver.cli import main, sample_deliveries
+from receiver.models import Delivery
+from receiver.settings import Settings
+from tests.conftest import DELIVERIES, TOKEN
+from tests.live import ServerProcess, live_server
+
+
+def run(db_url: str, *args: str, token: str | None = TOKEN) -> Result:
+    env = {"RECEIVER_DATABASE_URL": db_url, "RECEIVER_TOKEN": token or ""}
+    return CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+
+
+def webhook(output: str) -> dict[str, str]:
+    """The ``webhook`` object a command printed."""
+    start = output.index("{")
+    block: dict[str, dict[str, str]] = json.loads(output[start : output.rindex("}") + 1])
+    return block["webhook"]
+
+
+def all_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
+    for name, command in group.commands.items():
+        yield (*prefix, name)
+        if isinstance(command, click.Group):
+            yield from all_commands(command, (*prefix, name))
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=" ".join(p)) for p in all_commands(main)])
+def test_every_command_has_help(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(main, [*path, "--help"], env={"RECEIVER_TOKEN": ""})
+    assert result.exit_code == 0, result.output
+    assert f"Usage: main {' '.join(path)}" in result.output
+    summary = result.output.split("\n\n")[1].strip()
+    assert len(summary) > 10, result.output
+
+
+def test_samples_are_the_catalogue() -> None:
+    samples = {s["name"]: s for s in sample_deliveries()}
+    cases = sorted(DELIVERIES.glob("*.json"))
+    assert len(samples) == len(cases) == 15
+    shipped = Path(__file__).resolve().parents[1] / "receiver" / "samples"
+    for case_file in cases:
+        case = json.loads(case_file.read_text())
+        assert samples[case["name"]]["content_type"] == case["content_type"]
+        body = (shipped / f"{case['name']}.body").read_bytes()
+        assert body == case_file.with_suffix(".body").read_bytes()
+
+
+@pytest.fixture
+def live(db_url: str, tmp_path: Path) -> Iterator[ServerProcess]:
+    with live_server(db_url, tmp_path / "data") as server:
+        yield server
+
+
+def stored(engine: Engine) -> list[tuple[str, bytes, str | None, str]]:
+    """Hook, body, content type and query string of every stored delivery, oldest first."""
+    with engine.connect() as conn:
+        return [
+            (r.hook, r.body, r.content_type, r.query_string)
+            for r in conn.execute(
+                select(Delivery.__table__).order_by(Delivery.received_at, Delivery.id)
+            )
+        ]
+
+
+def test_send_a_sample_and_a_file(
+    live: ServerProcess, db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    result = run(db_url, "send", "--sample", "06", "--url", live.url, "--hook", "crypto")
+    assert result.exit_code == 0, result.output
+    status, answer = result.output.split(" ", 1)
+    assert status == "200"
+    assert json.loads(answer)["status"] == "stored"
+
+    again = run(db_url, "send", "--sample", "06-ai-response-csv-text", "--url", live.url)
+    assert json.loads(again.output.split(" ", 1)[1])["status"] == "stored"  # other hook
+
+    note = tmp_path / "note.txt"
+    note.write_bytes("Ünïcode *markdown*\n".encode())
+    labelled = run(
+        db_url, "send", str(note), "--url", live.url, "--label", "task_id=t1", "--label", "p=a b"
+    )
+    assert labelled.exit_code == 0, labelled.output
+
+    sample_body = (DELIVERIES / "06-ai-response-csv-text.body").read_bytes()
+    assert stored(engine) == [
+        ("crypto", sample_body, "text/csv", ""),
+        ("default", sample_body, "text/csv", ""),
+        ("default", note.read_bytes(), "text/plain", "task_id=t1&p=a+b"),
+    ]
+
+
+def test_send_reports_refusals(live: ServerProcess, db_url: str, engine: Engine) -> None:
+    wrong = run(db_url, "send", "--sample", "01", "--url", live.url, "--token", "Bearer nope")
+    assert wrong.exit_code == 1
+    assert wrong.output.startswith("401 ")
+    none = run(db_url, "send", "--sample", "01", "--url", live.url, token=None)
+    assert none.exit_code == 2
+    assert "RECEIVER_TOKEN" in none.output
+    unknown = run(db_url, "send", "--sample", "99", "--url", live.url)
+    assert unknown.exit_code == 2
+    assert "01-full-response-json" in unknown.output  # the message lists the samples
+    both = run(db_url, "send", "--url", live.url)
+    assert both.exit_code == 2
+    assert stored(engine) == []
+
+
+def test_send_to_nothing_says_so(db_url: str) -> None:
+    from tests.live import free_port
+
+    result = CliRunner().invoke(
+        main,
+        ["send", "--sample", "01", "--url", f"http://127.0.0.1:{free_port()}"],
+        env={"RECEIVER_DATABASE_URL": db_url, "RECEIVER_TOKEN": TOKEN},
+    )
+    assert result.exit_code == 1
+    assert "could not reach" in result.output
+
+
+def test_list_samples() -> None:
+    result = CliRunner().invoke(main, ["send", "--list-samples"], env={"RECEIVER_TOKEN": ""})
+    assert result.exit_code == 0
+    for sample in sample_deliveries():
+        assert sample["name"] in result.output
+
+
+def test_hook_token_lifecycle(db_url: str, engine: Engine, tmp_path: Path) -> None:
+    """add -> the token works; rotate -> both work; revoke -> neither; list shows it all."""
+    settings = Settings(database_url=db_url, data_dir=tmp_path / "data", auth_cache_seconds=0)
+    added = run(db_url, "hooks", "add", "pricing", "--url", "https://rx.example.com", token=None)
+    assert added.exit_code == 0, added.output
+    first = webhook(added.output)
+    assert first["url"] == "https://rx.example.com/hooks/pricing"
+    assert first["auth"].startswith("Bearer ")
+
+    with TestClient(create_app(settings, engine=engine)) as client:
+
+        def status(token: str, hook: str = "pricing") -> int:
+            return client.post(
+                f"/hooks/{hook}", content=b"{}", headers={"authorization": token}
+            ).status_code
+
+        assert status(first["auth"]) == 200
+        assert status(first["auth"], "other") == 401  # a hook's token is for that hook only
+        rotated = run(db_url, "hooks", "rotate", "pricing", token=None)
+        second = webhook(rotated.output)
+        assert second["auth"] != first["auth"]
+        assert status(first["auth"]) == status(second["auth"]) == 200
+
+        listing = run(db_url, "hooks", "list", token=None)
+        row = next(line for line in listing.output.splitlines() if "pricing" in line)
+        cells = [c.strip() for c in row.split("│")[1:-1]]
+        assert cells[0] == "pricing"
+        assert cells[2:4] == ["2", "3"]  # live own tokens, deliveries
+
+        revoked = run(db_url, "hooks", "revoke", "pricing", token=None)
+        assert revoked.output.strip() == "revoked 2 token(s) of pricing"
+        assert status(first["auth"]) == status(second["auth"]) == 401
+    assert [hook for hook, *_ in stored(engine)] == ["pricing"] * 3  # the 401s stored nothing

@@ -1,0 +1,80 @@
+"""One log line per delivery, plain or JSON, with no token and no body in it."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from starlette.testclient import TestClient
+
+from receiver.logs import DELIVERY_LOGGER, DeliveryLine, JsonFormatter, configure_logging
+from tests.conftest import TOKEN, post
+
+SECRET_BODY = b'{"sessionId": "s-1", "taskId": "t-1", "type": "task_completed", "x": "SECRETVALUE"}'
+
+
+def delivery_records(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == DELIVERY_LOGGER]
+
+
+def test_one_line_per_delivery_without_token_or_body(
+    client: TestClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="receiver")
+    first = post(client, "shop", SECRET_BODY, query="task_id=t-1")
+    post(client, "shop", SECRET_BODY, query="task_id=t-1")
+    client.post("/hooks/shop", content=SECRET_BODY, headers={"authorization": "Bearer WRONG"})
+    records = delivery_records(caplog)
+    assert [(r.delivery["status"], r.delivery["http_status"]) for r in records] == [  # type: ignore[attr-defined]
+        ("stored", 200),
+        ("duplicate", 200),
+        ("rejected", 401),
+    ]
+    fields = records[0].delivery  # type: ignore[attr-defined]
+    assert fields["hook"] == "shop"
+    assert fields["size"] == len(SECRET_BODY)
+    assert fields["delivery_id"] == first["delivery_id"]
+    assert fields["ms"] >= 0
+    assert records[2].delivery["reason"] == "auth"  # type: ignore[attr-defined]
+    for record in records:
+        for text in (record.getMessage(), JsonFormatter().format(record)):
+            assert "SECRETVALUE" not in text
+            assert TOKEN.split()[1] not in text
+            assert "WRONG" not in text
+
+
+def test_json_and_plain_formats() -> None:
+    stream = io.StringIO()
+    configure_logging("json")
+    logger = logging.getLogger("receiver")
+    handler = logger.handlers[-1]
+    assert isinstance(handler, logging.StreamHandler)
+    old = handler.setStream(stream)
+    try:
+        line = DeliveryLine("a hook=x", "stored", 200, 12, 3.456, "id-1")
+        logging.getLogger(DELIVERY_LOGGER).info(line.plain(), extra={"delivery": line.fields()})
+        configure_logging("plain")  # idempotent: same handler, new format
+        assert len([h for h in logger.handlers if h is handler]) == 1
+        logging.getLogger(DELIVERY_LOGGER).info(line.plain(), extra={"delivery": line.fields()})
+    finally:
+        handler.setStream(old)
+        logger.removeHandler(handler)
+        logger.propagate = True
+        logger.setLevel(logging.NOTSET)
+    json_line, plain_line = stream.getvalue().splitlines()
+    parsed = json.loads(json_line)
+    assert parsed["event"] == "delivery"
+    assert parsed["hook"] == "a hook=x"
+    assert (parsed["status"], parsed["size"], parsed["ms"]) == ("stored", 12, 3.5)
+    assert parsed["delivery_id"] == "id-1"
+    assert plain_line.endswith(
+        'delivery hook="a hook=x" status=stored http_status=200 size=12 ms=3.5 delivery_id=id-1'
+    )
+
+
+def test_a_refused_unprintable_hook_name_stays_on_one_line() -> None:
+    line = DeliveryLine("bad\nname\x00" + "x" * 300, "rejected", 404, None, 1.0, reason="hook_name")
+    assert "\n" not in line.plain()
+    assert len(str(line.fields()["hook"])) == 128
