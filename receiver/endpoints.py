@@ -6,7 +6,9 @@ everything else happens after, in `pipeline`.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect, Request
@@ -15,10 +17,15 @@ from starlette.responses import JSONResponse, Response
 from receiver.auth import Authenticator
 from receiver.errors import LedgerUnavailable
 from receiver.ledger import Ledger, RawDelivery
+from receiver.spool import Spool, SpoolUnavailable
 
 log = logging.getLogger("receiver.http")
 
 MAX_HOOK_NAME = 128
+#: How long a request waits for the database before it spools (WebRun gives up after 30 s).
+LEDGER_WAIT_SECONDS = 10.0
+#: How long a client may take to send its body: a stuck client cannot hold a slot forever.
+BODY_READ_SECONDS = 15.0
 #: Request headers never written to the ledger.
 SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
@@ -38,11 +45,12 @@ async def read_body(request: Request, limit: int) -> bytes:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    async with asyncio.timeout(BODY_READ_SECONDS):
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -55,25 +63,35 @@ def _authorization(request: Request) -> bytes | None:
 async def receive_delivery(request: Request) -> Response:
     state = request.app.state
     hook: str = request.path_params["name"]
+    started = time.perf_counter()
     if len(hook) > MAX_HOOK_NAME or not hook.isprintable():
         return _error(404, "unknown hook")
     auth: Authenticator = state.authenticator
+    wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
+    lookup_failed = False
     if not auth.is_cached(hook):
         try:
-            await run_in_threadpool(auth.refresh, hook)
-        except Exception:
-            log.warning("token lookup failed for hook %r", hook)
-            return _error(503, "database unavailable")
+            await asyncio.wait_for(run_in_threadpool(auth.refresh, hook), wait)
+        except Exception as exc:
+            # The database is away: decide from the last known hashes and RECEIVER_TOKEN.
+            log.warning("token lookup failed for hook %r: %s", hook, type(exc).__name__)
+            lookup_failed = True
     verdict = auth.check(hook, _authorization(request))
     if not verdict.ok:
+        if lookup_failed:  # maybe a token we could not look up: not the client's fault
+            return _error(503, "database unavailable")
+        log.info("delivery refused hook=%s status=401", hook)
         return _error(401, "missing or wrong Authorization")
     try:
         body = await read_body(request, state.settings.max_body_bytes)
     except BodyTooLarge:
+        log.info("delivery refused hook=%s status=413", hook)
         return _error(413, f"body larger than {state.settings.max_body_bytes} bytes")
     except ClientDisconnect:
         return _error(400, "client disconnected")
-    request.state.body_size = len(body)  # for the delivery log line (receiver.logs)
+    except TimeoutError:
+        log.info("delivery refused hook=%s status=408", hook)
+        return _error(408, f"body not received within {BODY_READ_SECONDS:g} s")
     delivery = RawDelivery(
         hook=hook,
         body=body,
@@ -88,12 +106,42 @@ async def receive_delivery(request: Request) -> Response:
     )
     ledger: Ledger = state.ledger
     try:
-        recorded = await ledger.record(delivery)
-    except LedgerUnavailable:
-        log.warning("delivery lost hook=%s status=503 size=%d", hook, len(body))
-        return _error(503, "database unavailable")
-    # The per-delivery log line and metrics: `receiver.app.observed`.
+        recorded = await ledger.record(delivery, timeout=wait)
+    except LedgerUnavailable as exc:
+        return await _spool(state.spool, delivery, str(exc), started)
+    log.info(
+        "delivery hook=%s status=%s size=%d ms=%.1f id=%s",
+        hook,
+        recorded.status,
+        len(body),
+        (time.perf_counter() - started) * 1e3,
+        recorded.delivery_id,
+    )
     return JSONResponse({"delivery_id": recorded.delivery_id, "status": recorded.status})
+
+
+async def _spool(spool: Spool, delivery: RawDelivery, why: str, started: float) -> Response:
+    """Keep a delivery the database could not take on local disk; 2xx only once it is there."""
+    try:
+        await run_in_threadpool(spool.append, delivery)
+    except SpoolUnavailable as exc:
+        log.error(
+            "delivery lost hook=%s status=503 size=%d: %s; %s",
+            delivery.hook,
+            len(delivery.body),
+            why,
+            exc,
+        )
+        return _error(503, "database unavailable and spool not writable")
+    log.warning(
+        "delivery hook=%s status=spooled size=%d ms=%.1f id=%s: %s",
+        delivery.hook,
+        len(delivery.body),
+        (time.perf_counter() - started) * 1e3,
+        delivery.id,
+        why,
+    )
+    return JSONResponse({"delivery_id": delivery.id, "status": "spooled"})
 
 
 async def healthz(request: Request) -> Response:

@@ -94,16 +94,24 @@ INSERT INTO deliveries (id, hook, received_at, body, body_sha256, body_size, con
     headers, query_string, labels, dedupe_key, first_key, duplicate_of, status)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
 """
-_INSERT_FIRST = _INSERT + " ON CONFLICT (first_key) DO NOTHING RETURNING id"
+# No conflict target: a clash on ``first_key`` is a duplicate, one on ``id`` a replay.
+_INSERT_FIRST = _INSERT + " ON CONFLICT DO NOTHING RETURNING id"
 _INSERT_HOOK = "INSERT INTO hooks (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 _FIND_FIRST = "SELECT id FROM deliveries WHERE first_key = ?"
+_FIND_ID = "SELECT status, duplicate_of FROM deliveries WHERE id = ?"
 
 
 def write_deliveries(
     engine: Engine, cursor: Any, deliveries: Sequence[RawDelivery]
 ) -> list[Recorded]:
-    """Insert ``deliveries`` through a raw DBAPI cursor; the caller commits."""
+    """Insert ``deliveries`` through a raw DBAPI cursor; the caller commits.
+
+    Idempotent per delivery id: one already in the table (a spool drained twice
+    after a crash, a write that committed after its request gave up) is not
+    written again, and its recorded status is returned.
+    """
     sql_first = paramstyle(engine, _INSERT_FIRST)
+    sql_id = paramstyle(engine, _FIND_ID)
     sql_dup = paramstyle(engine, _INSERT)
     sql_hook = paramstyle(engine, _INSERT_HOOK)
     sql_find = paramstyle(engine, _FIND_FIRST)
@@ -129,6 +137,15 @@ def write_deliveries(
         cursor.execute(sql_first, (*common, d.dedupe_key, None, "stored"))
         if cursor.fetchone() is not None:
             results.append(Recorded(d.id, "stored"))
+            continue
+        cursor.execute(sql_id, (d.id,))
+        existing = cursor.fetchone()
+        if existing is not None:
+            status, duplicate_of = existing
+            if status == "duplicate":
+                results.append(Recorded(d.id, "duplicate", duplicate_of))
+            else:
+                results.append(Recorded(d.id, "stored"))
             continue
         cursor.execute(sql_find, (d.dedupe_key,))
         row = cursor.fetchone()
@@ -171,11 +188,20 @@ class Ledger:
             self._thread = None
         self._close()
 
-    async def record(self, delivery: RawDelivery) -> Recorded:
-        """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it."""
+    async def record(self, delivery: RawDelivery, timeout: float | None = None) -> Recorded:
+        """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it
+        or did not answer within ``timeout`` seconds.
+
+        After a timeout the delivery is either never written (still queued: the
+        cancelled future makes the writer skip it) or written later by a batch
+        already under way, which the spool's replay recognises by its id.
+        """
         future: Future[Recorded] = Future()
         self._queue.put((delivery, future))
-        return await asyncio.wrap_future(future)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+        except TimeoutError:
+            raise LedgerUnavailable(f"database did not answer within {timeout} s") from None
 
     def record_sync(self, deliveries: Sequence[RawDelivery]) -> list[Recorded]:
         """Commit ``deliveries`` from a plain thread (spool drain, tools, tests)."""
@@ -205,6 +231,10 @@ class Ledger:
             self._write(batch)
 
     def _write(self, batch: list[_Item]) -> None:
+        # A request that gave up waiting cancelled its future: skip it, it went to the spool.
+        batch = [(d, f) for d, f in batch if f.set_running_or_notify_cancel()]
+        if not batch:
+            return
         started = time.perf_counter()
         try:
             if self._conn is None:
@@ -227,13 +257,14 @@ class Ledger:
         log.debug(
             "committed %d deliveries in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3
         )
-        for (_, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
+        # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
         if self.on_committed is not None:
             try:
                 self.on_committed(results)
             except Exception:  # processing is best effort: the raw rows are committed
                 log.exception("on_committed hook failed")
+        for (_, future), result in zip(batch, results, strict=True):
+            future.set_result(result)
 
     def _close(self) -> None:
         if self._conn is not None:
