@@ -3,16 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+import json
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from receiver import endpoints
 from receiver.auth import Authenticator
 from receiver.db import check_schema, create_db_engine
 from receiver.ledger import Ledger, Recorded
+from receiver.logs import DeliveryLine, configure_logging, log_delivery
+from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
+from receiver.openapi import openapi_document
 from receiver.pipeline import Pipeline
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
@@ -21,7 +28,11 @@ from receiver.spool import Spool, SpoolDrainer
 def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
     """The receiver app. The schema must be migrated (`receiver db upgrade`; `serve` does it)."""
     engine = engine or create_db_engine(settings)
-    pipeline = Pipeline(engine, max_depth=settings.max_depth)
+    # The spool is read at scrape time and only if there is one.
+    metrics = Metrics(spool=lambda: getattr(app.state, "spool", None))
+    pipeline = Pipeline(
+        engine, max_depth=settings.max_depth, on_processed=metrics.delivery_processed
+    )
 
     def committed(results: list[Recorded]) -> None:
         pipeline.submit(r.delivery_id for r in results if r.status == "stored")
@@ -45,12 +56,24 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             ledger.stop()
             pipeline.stop()
 
+    receive = observed(endpoints.receive_delivery, metrics)
+    document = openapi_document(settings.max_body_bytes)
+
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def openapi_endpoint(request: Request) -> Response:
+        return JSONResponse(document)
+
     routes = [
-        Route("/hooks/{name}", endpoints.receive_delivery, methods=["POST"]),
+        Route("/hooks/{name}", receive, methods=["POST"]),
         # A trailing slash is the same hook: answered, never redirected (WebRun drops a 3xx).
-        Route("/hooks/{name}/", endpoints.receive_delivery, methods=["POST"]),
+        Route("/hooks/{name}/", receive, methods=["POST"]),
         Route("/healthz", endpoints.healthz, methods=["GET"]),
         Route("/readyz", endpoints.readyz, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False
@@ -58,6 +81,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.engine = engine
     app.state.ledger = ledger
     app.state.pipeline = pipeline
+    app.state.metrics = metrics
     app.state.spool = spool
     app.state.spool_drainer = drainer
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
@@ -65,6 +89,49 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     return app
 
 
+def observed(
+    endpoint: Callable[[Request], Awaitable[Response]], metrics: Metrics
+) -> Callable[[Request], Awaitable[Response]]:
+    """``endpoint`` counted in ``metrics`` and logged, one line per delivery, from its answer."""
+
+    async def observe(request: Request) -> Response:
+        started = time.perf_counter()
+        response: Response | None = None
+        try:
+            response = await endpoint(request)
+            return response
+        finally:
+            seconds = time.perf_counter() - started
+            http_status = 500 if response is None else response.status_code
+            status: str | None = None
+            delivery_id: str | None = None
+            if response is not None and http_status == 200:
+                answer = json.loads(bytes(response.body))
+                status, delivery_id = answer.get("status"), answer.get("delivery_id")
+            metrics.delivery_answered(http_status, status, delivery_id, seconds)
+            size = getattr(request.state, "body_size", None)
+            declared = request.headers.get("content-length", "")
+            log_delivery(
+                DeliveryLine(
+                    hook=request.path_params.get("name", ""),
+                    status=status or "rejected",
+                    http_status=http_status,
+                    size=size
+                    if size is not None
+                    else int(declared)
+                    if declared.isdigit()
+                    else None,
+                    ms=seconds * 1e3,
+                    delivery_id=delivery_id,
+                    reason=None if status else REJECT_REASONS.get(http_status, OTHER_REASON),
+                )
+            )
+
+    return observe
+
+
 def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` and multi-worker `serve`: settings from the environment."""
-    return create_app(Settings.from_env())
+    settings = Settings.from_env()
+    configure_logging(settings.log_format)
+    return create_app(settings)
