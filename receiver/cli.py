@@ -33,6 +33,7 @@ def _engine(ctx: click.Context) -> Engine:
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "engine" not in obj:
         obj["engine"] = create_db_engine(obj["settings"])
+        ctx.find_root().call_on_close(obj["engine"].dispose)
     engine: Engine = obj["engine"]
     return engine
 
@@ -80,8 +81,8 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     configure_logging(settings.log_format)
     engine = _engine(ctx)
     upgrade(engine)
-    if not auth.has_any_token(engine, settings.tokens):
-        token = auth.add_token(engine, None)
+    token = auth.ensure_token(engine, settings.tokens)
+    if token is not None:
         click.echo("No token was configured, so one was made. It is shown only this once:")
         click.echo(f"  Authorization: {token}")
         click.echo("Paste this into your WebRun task config (any hook name works):")
@@ -282,10 +283,10 @@ def hooks_list(ctx: click.Context) -> None:
                 select(Token.hook, func.count())
                 .where(Token.revoked_at.is_(None))
                 .group_by(Token.hook)
-            ).tuples()
+            ).all()
         )
         counts = dict(
-            conn.execute(select(Delivery.hook, func.count()).group_by(Delivery.hook)).tuples()
+            conn.execute(select(Delivery.hook, func.count()).group_by(Delivery.hook)).all()
         )
         rows = conn.execute(select(Hook.name, Hook.output_type, Hook.created_at)).all()
     _print_table(

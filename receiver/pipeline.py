@@ -19,7 +19,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 
 from receiver.classify import Envelope, OutputType, classify
-from receiver.db import utcnow
+from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
 from receiver.models import Delivery, Hook, Output
 from receiver.results import delete_results, load_results
@@ -62,7 +62,7 @@ def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Out
         conn.rollback()  # end the read; the writes below run in their own transaction
         try:
             envelope = classify(delivery.body, delivery.content_type, expected=expected)
-            with conn.begin():
+            with write_transaction(conn):
                 _replace_derived(conn, delivery, envelope, labels, schema, max_depth)
             return Outcome(delivery_id, "processed")
         except Quarantine as exc:
@@ -74,7 +74,7 @@ def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Out
                 conn.rollback()
             log.exception("processing delivery %s failed", delivery_id)
             reason = f"processing failed: {type(exc).__name__}: {str(exc)[:300]}"
-        with conn.begin():
+        with write_transaction(conn):
             delete_derived(conn, delivery_id, hook)
             conn.execute(
                 update(Delivery)
