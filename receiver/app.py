@@ -31,7 +31,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     # The spool is read at scrape time and only if there is one.
     metrics = Metrics(spool=lambda: getattr(app.state, "spool", None))
     pipeline = Pipeline(
-        engine, max_depth=settings.max_depth, on_processed=metrics.delivery_processed
+        engine,
+        max_depth=settings.max_depth,
+        on_processed=metrics.delivery_processed,
+        busy=lambda: ledger.pending() > 0,
     )
 
     def committed(results: list[Recorded]) -> None:

@@ -175,6 +175,11 @@ def render_cell(value: Cell) -> str:
     return str(value)
 
 
+def _is_negative_zero(value: Cell) -> bool:
+    """SQLite stores ``-0.0`` as ``0``: keep the text so the sign is not lost."""
+    return isinstance(value, float) and value == 0 and math.copysign(1.0, value) < 0
+
+
 def _convert(text: str, column_type: ColumnType) -> Cell:
     """Convert a cell that inference already accepted for ``column_type``."""
     converted: Cell
@@ -447,7 +452,9 @@ def _typed_row(row: _Shaped, columns: Sequence[CsvColumn]) -> CsvRow:
             values.append(None)
             continue
         value = _convert(text, column.type)
-        if column.type is not ColumnType.TEXT and render_cell(value) != text:
+        if column.type is not ColumnType.TEXT and (
+            render_cell(value) != text or _is_negative_zero(value)
+        ):
             originals[column.key] = text
         values.append(value)
     return CsvRow(tuple(values), originals, row.extra, row.raw, row.flag)

@@ -188,6 +188,10 @@ class Ledger:
             self._thread = None
         self._close()
 
+    def pending(self) -> int:
+        """Deliveries waiting for the writer: the pipeline yields while there are any."""
+        return self._queue.qsize()
+
     async def record(self, delivery: RawDelivery, timeout: float | None = None) -> Recorded:
         """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it
         or did not answer within ``timeout`` seconds.

@@ -12,7 +12,8 @@ import json
 import logging
 import queue
 import threading
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,40 +49,102 @@ def expected_output(conn: Connection, hook: str) -> tuple[OutputType | None, Any
 
 def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Outcome:
     """Derive tasks, outputs and result rows from one stored delivery."""
+    [outcome] = process_deliveries(engine, [delivery_id], max_depth=max_depth)
+    return outcome
+
+
+def process_deliveries(
+    engine: Engine, delivery_ids: Sequence[str], *, max_depth: int
+) -> list[Outcome]:
+    """Process several deliveries in one write transaction, one savepoint each.
+
+    Parsing happens before the transaction, so the write lock (SQLite) is held
+    only for the inserts, and the batch costs one commit instead of one each.
+    A delivery that fails rolls back to its savepoint and is quarantined alone.
+    """
+    delivery_ids = list(dict.fromkeys(delivery_ids))  # the same id queued twice is done once
     with engine.connect() as conn:
-        row = conn.execute(select(Delivery.__table__).where(Delivery.id == delivery_id)).first()
-        if row is None:
-            raise LookupError(delivery_id)
-        delivery = row
-        hook = delivery.hook
-        if delivery.status == "duplicate":
-            conn.rollback()
-            return Outcome(delivery_id, "duplicate")
-        expected, schema = expected_output(conn, delivery.hook)
-        labels: dict[str, str] = json.loads(delivery.labels)
+        found = {
+            row.id: row
+            for row in conn.execute(
+                select(Delivery.__table__).where(Delivery.id.in_(list(delivery_ids)))
+            )
+        }
+        missing = [i for i in delivery_ids if i not in found]
+        if missing:
+            raise LookupError(missing[0])
+        hooks = {row.hook for row in found.values()}
+        registered = {h: expected_output(conn, h) for h in hooks}
         conn.rollback()  # end the read; the writes below run in their own transaction
+
+        outcomes: dict[str, Outcome] = {}
+        parsed: list[tuple[Row[Any], Envelope | Quarantine]] = []
+        for delivery_id in delivery_ids:
+            delivery = found[delivery_id]
+            if delivery.status == "duplicate":
+                outcomes[delivery_id] = Outcome(delivery_id, "duplicate")
+                continue
+            expected, _ = registered[delivery.hook]
+            try:
+                parsed.append(
+                    (delivery, classify(delivery.body, delivery.content_type, expected=expected))
+                )
+            except Quarantine as exc:
+                parsed.append((delivery, exc))
+
+        with write_transaction(conn):
+            for delivery, envelope in parsed:
+                outcomes[delivery.id] = _process_one(
+                    conn, delivery, envelope, registered[delivery.hook][1], max_depth
+                )
+    return [outcomes[i] for i in delivery_ids]
+
+
+def _process_one(
+    conn: Connection,
+    delivery: Row[Any],
+    envelope: Envelope | Quarantine,
+    schema: Any,
+    max_depth: int,
+) -> Outcome:
+    reason: str
+    if isinstance(envelope, Quarantine):
+        reason = envelope.reason
+    else:
+        savepoint = conn.begin_nested()
         try:
-            envelope = classify(delivery.body, delivery.content_type, expected=expected)
-            with write_transaction(conn):
-                _replace_derived(conn, delivery, envelope, labels, schema, max_depth)
-            return Outcome(delivery_id, "processed")
+            labels: dict[str, str] = json.loads(delivery.labels)
+            _replace_derived(conn, delivery, envelope, labels, schema, max_depth)
+            savepoint.commit()
+            return Outcome(delivery.id, "processed")
         except Quarantine as exc:
+            savepoint.rollback()
             reason = exc.reason
         except Exception as exc:
             # A bug or a value the database refuses must not lose the delivery: it stays
             # quarantined with the reason, and `receiver reprocess` retries it after a fix.
-            if conn.in_transaction():
-                conn.rollback()
-            log.exception("processing delivery %s failed", delivery_id)
+            savepoint.rollback()
+            log.exception("processing delivery %s failed", delivery.id)
             reason = f"processing failed: {type(exc).__name__}: {str(exc)[:300]}"
-        with write_transaction(conn):
-            delete_derived(conn, delivery_id, hook)
-            conn.execute(
-                update(Delivery)
-                .where(Delivery.id == delivery_id)
-                .values(status="quarantined", reason=reason, processed_at=utcnow())
-            )
-        return Outcome(delivery_id, "quarantined", reason)
+    clear_derived(conn, delivery.id, delivery.hook)
+    conn.execute(
+        update(Delivery)
+        .where(Delivery.id == delivery.id)
+        .values(status="quarantined", reason=reason, processed_at=utcnow())
+    )
+    return Outcome(delivery.id, "quarantined", reason)
+
+
+def clear_derived(conn: Connection, delivery_id: str, hook: str) -> None:
+    """Take the hook's load lock, then delete what an earlier run derived, if any ran.
+
+    The status is read under the lock: another process may have processed the
+    delivery since we read it, and a never-processed one has nothing to scan for.
+    """
+    lock_hook(conn, hook)
+    status = conn.scalar(select(Delivery.status).where(Delivery.id == delivery_id))
+    if status != "stored":
+        delete_derived(conn, delivery_id, hook)
 
 
 def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
@@ -103,7 +166,7 @@ def _replace_derived(
     schema: Any,
     max_depth: int,
 ) -> None:
-    delete_derived(conn, delivery.id, delivery.hook)
+    clear_derived(conn, delivery.id, delivery.hook)
     task = task_row(
         envelope,
         hook=delivery.hook,
@@ -155,7 +218,12 @@ def _replace_derived(
 
 
 class Pipeline:
-    """A worker thread that processes committed deliveries in arrival order."""
+    """A worker thread that processes committed deliveries in arrival order, in batches.
+
+    Ingest comes first: while ``busy()`` says the ledger has deliveries waiting
+    to be committed, a batch waits (up to ``max_yield`` seconds) so that the
+    two do not fight over SQLite's write lock and the GIL.
+    """
 
     def __init__(
         self,
@@ -163,11 +231,17 @@ class Pipeline:
         *,
         max_depth: int,
         on_processed: Callable[[str, str], None] | None = None,
+        busy: Callable[[], bool] | None = None,
+        batch_size: int = 64,
+        max_yield: float = 0.25,
     ) -> None:
         self.engine = engine
         self.max_depth = max_depth
         #: Told ``(delivery_id, outcome)`` after each run: processed, quarantined or failed.
         self.on_processed = on_processed
+        self.busy = busy
+        self.batch_size = batch_size
+        self.max_yield = max_yield
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -201,22 +275,46 @@ class Pipeline:
         self.submit(ids)
         return len(ids)
 
+    def _take_batch(self) -> list[str | None]:
+        batch = [self._queue.get()]
+        while len(batch) < self.batch_size and batch[-1] is not None:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
+
+    def _yield_to_ingest(self) -> None:
+        deadline = time.monotonic() + self.max_yield
+        while self.busy is not None and self.busy() and time.monotonic() < deadline:
+            time.sleep(0.002)
+
+    def _process(self, ids: list[str]) -> dict[str, str]:
+        try:
+            outcomes = process_deliveries(self.engine, ids, max_depth=self.max_depth)
+            return {o.delivery_id: o.status for o in outcomes}
+        except Exception:
+            if len(ids) > 1:  # find the one that breaks the batch; the rest still go through
+                return {k: v for i in ids for k, v in self._process([i]).items()}
+            # Left as 'stored': the next start or `receiver reprocess` picks it up.
+            log.exception("could not process delivery %s", ids[0])
+            return {ids[0]: "failed"}
+
     def _run(self) -> None:
         while True:
-            delivery_id = self._queue.get()
-            outcome = "failed"
+            batch = self._take_batch()
+            ids = [i for i in batch if i is not None]
             try:
-                if delivery_id is None:
-                    return
-                outcome = process_delivery(
-                    self.engine, delivery_id, max_depth=self.max_depth
-                ).status
+                if ids:
+                    self._yield_to_ingest()
+                    outcomes = self._process(ids)
+                    if self.on_processed is not None:
+                        for delivery_id in ids:
+                            self.on_processed(delivery_id, outcomes.get(delivery_id, "failed"))
             except Exception:
-                # Left as 'stored': the next start or `receiver reprocess` picks it up.
-                log.exception("could not process delivery %s", delivery_id)
+                log.exception("pipeline batch bookkeeping failed")
             finally:
-                try:
-                    if delivery_id is not None and self.on_processed is not None:
-                        self.on_processed(delivery_id, outcome)
-                finally:
+                for _ in batch:
                     self._queue.task_done()
+            if len(ids) < len(batch):
+                return

@@ -25,7 +25,15 @@ from receiver.csvparse import parse_csv
 from receiver.errors import Quarantine
 from receiver.models import ResultTable
 from receiver.rows import flatten
-from receiver.schema import ROW_NOTES, Catalog, TableInfo, fits, lock_hook, source_key
+from receiver.schema import (
+    ROW_NOTES,
+    Catalog,
+    TableInfo,
+    fits,
+    lock_hook,
+    result_table,
+    source_key,
+)
 
 Row = dict[str, Any]
 
@@ -42,7 +50,7 @@ def delete_results(conn: Connection, delivery_id: str, hook: str | None = None) 
         query = query.where(ResultTable.hook == hook)
     names = list(conn.scalars(query))
     for name in names:
-        table = TableInfo(name, "", "", None).sqla_table()
+        table = result_table(name)
         conn.execute(delete(table).where(table.c._delivery_id == delivery_id))
 
 

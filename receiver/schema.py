@@ -22,6 +22,7 @@ every number to a variant column).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import zlib
@@ -98,9 +99,19 @@ class TableInfo:
 
     def sqla_table(self) -> Table:
         """A Core `Table` for inserts, with the system and catalogued columns."""
-        cols = [Column(name, type_) for name, type_ in SYSTEM_COLUMNS]
-        cols += [Column(name, SQL_TYPES[t]) for name, t in self.columns.values()]
-        return Table(self.name, MetaData(), *cols)
+        return result_table(self.name, tuple(self.columns.values()))
+
+
+@functools.lru_cache(maxsize=1024)
+def result_table(name: str, columns: tuple[tuple[str, ColumnType], ...] = ()) -> Table:
+    """The Core `Table` for a result table with these payload columns.
+
+    Cached, so one table shape is one object and SQLAlchemy's compiled-SQL
+    cache can serve every delivery after the first.
+    """
+    cols = [Column(n, type_) for n, type_ in SYSTEM_COLUMNS]
+    cols += [Column(n, SQL_TYPES[t]) for n, t in columns]
+    return Table(name, MetaData(), *cols)
 
 
 def fits(value: object, column_type: ColumnType) -> bool:
