@@ -45,7 +45,18 @@ def create_db_engine(settings: Settings) -> Engine:
     else:
         kwargs["pool_pre_ping"] = True
         kwargs["pool_size"] = 8
-    engine = create_engine(url, **kwargs)
+        # A server that goes silent (no RST) must not hang the ledger writer for ever:
+        # the request spools after its own timeout, and these let the connection die.
+        kwargs["connect_args"] = {
+            "connect_timeout": 5,
+            "keepalives": 1,
+            "keepalives_idle": 10,
+            "keepalives_interval": 5,
+            "keepalives_count": 3,
+            "tcp_user_timeout": 30000,
+        }
+    # Errors are logged; their parameters would be payload values.
+    engine = create_engine(url, hide_parameters=True, **kwargs)
     if url.get_backend_name() == "sqlite":
         synchronous = settings.sqlite_synchronous
 

@@ -15,9 +15,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from receiver.auth import Authenticator
-from receiver.errors import LedgerUnavailable
+from receiver.errors import LedgerUnavailable, SpoolUnavailable
 from receiver.ledger import Ledger, RawDelivery
-from receiver.spool import Spool, SpoolUnavailable
+from receiver.spool import Spool
 
 log = logging.getLogger("receiver.http")
 

@@ -2,7 +2,9 @@
 
 ReceiverError
 ├── Quarantine        a stored body we cannot make sense of (kept, flagged, answered 2xx)
-├── LedgerUnavailable the database cannot take the raw delivery (answered 503)
+├── LedgerUnavailable the database cannot take the raw delivery (so it goes to the spool)
+├── SpoolUnavailable  the spool cannot make it durable either (answered 503, never 2xx)
+├── SpoolCorrupt      a spool file is not a complete, intact delivery (moved aside, kept)
 └── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
 """
 
@@ -27,3 +29,11 @@ class LedgerUnavailable(ReceiverError):
 
 class SchemaOutOfDate(ReceiverError):
     """The database schema is older than this code's migrations."""
+
+
+class SpoolUnavailable(ReceiverError):
+    """The spool could not make a delivery durable (disk full, folder unwritable)."""
+
+
+class SpoolCorrupt(ReceiverError):
+    """A spool file is not a complete, intact delivery."""

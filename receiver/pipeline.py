@@ -8,6 +8,7 @@ nothing.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import queue
@@ -234,6 +235,7 @@ class Pipeline:
         busy: Callable[[], bool] | None = None,
         batch_size: int = 64,
         max_yield: float = 0.25,
+        sweep_seconds: float = 60.0,
     ) -> None:
         self.engine = engine
         self.max_depth = max_depth
@@ -242,6 +244,7 @@ class Pipeline:
         self.busy = busy
         self.batch_size = batch_size
         self.max_yield = max_yield
+        self.sweep_seconds = sweep_seconds
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._thread: threading.Thread | None = None
 
@@ -276,13 +279,36 @@ class Pipeline:
         return len(ids)
 
     def _take_batch(self) -> list[str | None]:
-        batch = [self._queue.get()]
+        while True:
+            try:
+                batch = [self._queue.get(timeout=self.sweep_seconds)]
+                break
+            except queue.Empty:
+                self._sweep()
         while len(batch) < self.batch_size and batch[-1] is not None:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
                 break
         return batch
+
+    def _sweep(self) -> None:
+        """Queue deliveries left 'stored' for a while: a batch that failed during an outage."""
+        cutoff = utcnow() - dt.timedelta(seconds=self.sweep_seconds)
+        try:
+            with self.engine.connect() as conn:
+                ids = list(
+                    conn.scalars(
+                        select(Delivery.id)
+                        .where(Delivery.status == "stored", Delivery.received_at < cutoff)
+                        .order_by(Delivery.id)
+                        .limit(10_000)
+                    )
+                )
+        except Exception:
+            log.warning("pipeline sweep could not reach the database")
+            return
+        self.submit(ids)
 
     def _yield_to_ingest(self) -> None:
         deadline = time.monotonic() + self.max_yield

@@ -34,7 +34,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from receiver.db import is_sqlite
-from receiver.errors import ReceiverError
+from receiver.errors import SpoolCorrupt, SpoolUnavailable
 from receiver.ledger import RawDelivery, Recorded, write_deliveries
 
 log = logging.getLogger("receiver.spool")
@@ -44,14 +44,6 @@ SUFFIX = ".delivery"
 _TMP = ".tmp-"
 #: A temporary file older than this was left by a crash before its delivery was answered.
 STALE_TMP_SECONDS = 60.0
-
-
-class SpoolUnavailable(ReceiverError):
-    """The spool could not make a delivery durable (disk full, folder unwritable)."""
-
-
-class SpoolCorrupt(ReceiverError):
-    """A spool file is not a complete, intact delivery."""
 
 
 def encode(delivery: RawDelivery) -> bytes:

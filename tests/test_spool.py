@@ -21,10 +21,11 @@ from starlette.testclient import TestClient
 
 from receiver.app import create_app
 from receiver.db import create_db_engine
+from receiver.errors import SpoolUnavailable
 from receiver.ledger import RawDelivery, write_deliveries
 from receiver.models import Delivery
 from receiver.settings import Settings
-from receiver.spool import Spool, SpoolDrainer, SpoolUnavailable, decode, encode
+from receiver.spool import Spool, SpoolDrainer, decode, encode
 from tests.conftest import TOKEN, _pg_url, drop_pg_database, fresh_pg_database
 from tests.live import TcpProxy
 

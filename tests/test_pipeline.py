@@ -1,0 +1,79 @@
+"""The pipeline: batches, one failure per savepoint, and the sweep after an outage."""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import Engine, select
+
+from receiver.ledger import Ledger, RawDelivery
+from receiver.models import Delivery, Task
+from receiver.pipeline import Pipeline, process_deliveries
+from tests.conftest import DELIVERIES
+
+FULL = (DELIVERIES / "01-full-response-json.body").read_bytes()
+PING = b'{"event":"task_completed","sessionId":"s","taskId":"t2"}'
+
+
+def store(engine: Engine, *bodies: bytes) -> list[str]:
+    """Commit deliveries through the ledger without telling any pipeline."""
+    ledger = Ledger(engine)
+    ledger.start()
+    try:
+        recorded = ledger.record_sync(
+            [
+                RawDelivery(
+                    hook="p", body=b, content_type="application/json", headers=(), query_string=""
+                )
+                for b in bodies
+            ]
+        )
+    finally:
+        ledger.stop()
+    return [r.delivery_id for r in recorded]
+
+
+def statuses(engine: Engine) -> dict[str, tuple[str, str | None]]:
+    with engine.connect() as conn:
+        return {
+            r.id: (r.status, r.reason)
+            for r in conn.execute(select(Delivery.id, Delivery.status, Delivery.reason))
+        }
+
+
+def test_a_batch_quarantines_one_and_processes_the_rest(engine: Engine) -> None:
+    good, bad, ping = store(engine, FULL, b"{broken", PING)
+    outcomes = process_deliveries(engine, [good, bad, ping, good], max_depth=5)
+    assert [o.status for o in outcomes] == ["processed", "quarantined", "processed"]
+    seen = statuses(engine)
+    assert seen[good][0] == "processed"
+    assert seen[bad][0] == "quarantined"
+    reason = seen[bad][1]
+    assert reason is not None
+    assert reason.startswith("invalid JSON")
+    with engine.connect() as conn:
+        assert sorted(conn.scalars(select(Task.task_id))) == ["t2", "task_xyz789"]
+
+
+def test_reprocessing_a_batch_changes_nothing(engine: Engine) -> None:
+    ids = store(engine, FULL, PING)
+    process_deliveries(engine, ids, max_depth=5)
+    with engine.connect() as conn:
+        before = conn.execute(select(Task.__table__).order_by(Task.task_key)).all()
+    process_deliveries(engine, ids, max_depth=5)
+    with engine.connect() as conn:
+        after = conn.execute(select(Task.__table__).order_by(Task.task_key)).all()
+    assert before == after
+
+
+def test_sweep_picks_up_deliveries_left_stored(engine: Engine) -> None:
+    [delivery_id] = store(engine, FULL)  # committed, but no pipeline was told (an outage)
+    pipeline = Pipeline(engine, max_depth=5, sweep_seconds=0.2)
+    pipeline.start()
+    try:
+        deadline = time.monotonic() + 10
+        while statuses(engine)[delivery_id][0] == "stored" and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        pipeline.stop()
+    assert statuses(engine)[delivery_id][0] == "processed"
