@@ -27,10 +27,17 @@ JSON number and ``tasks.cost_usd`` stores a float, so a decimal would only
 pretend to precision), booleans bool, timestamps ``timestamp[us, UTC]``,
 dates date32, text and JSON text strings. Rows go out as Arrow record
 batches written one row group at a time, so memory does not grow with the
-table. PostgreSQL is read with ADBC (libpq COPY, straight into Arrow); SQLite
-with the stdlib ``sqlite3`` in ``fetchmany`` batches, because the ADBC SQLite
-driver bundles a second SQLite library, which is unsafe in a process that
-also has the receiver's own connections open (see `_Run._read_sqlite`).
+table; a reader thread fetches the next batches while the current ones are
+compressed, so reading and writing overlap.
+
+Both databases are read with ADBC, straight into Arrow with no Python object
+per value. PostgreSQL in this process (libpq ``COPY``). SQLite in a child
+process (`serve_sqlite_reads`) that streams Arrow IPC back through a pipe: the
+ADBC SQLite driver bundles its own SQLite library, and two SQLite libraries
+in one process break SQLite's POSIX locking (closing either's file
+descriptor drops the other's locks). That is also why this module imports
+SQLAlchemy and the receiver's models only inside functions: the child imports
+it and stays small.
 
 Readers: DuckDB ``read_parquet('DEST/t/**/*.parquet', union_by_name = true)``;
 pyarrow ``dataset(..., partitioning="hive", schema=<unified>)``; pandas
@@ -40,31 +47,45 @@ file's columns when a table grew between runs).
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
+import fcntl
+import io
 import json
 import os
+import queue
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal, cast
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
-from sqlalchemy import Column, Engine, MetaData, Table, func, select
-from sqlalchemy import types as sqltypes
 
-from receiver.columns import ColumnType
-from receiver.db import driver_time, is_sqlite, utcnow
-from receiver.models import Delivery, ResultColumn, ResultTable, Task
-from receiver.rollups import VIEWS
-from receiver.schema import TableInfo
+from receiver.errors import ReceiverError
+
+if TYPE_CHECKING:
+    import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
+    from sqlalchemy import Engine, Table
+    from sqlalchemy import types as sqltypes
 
 MANIFEST = "_manifest.json"
 ROW_GROUP_ROWS = 128 * 1024
-_SQLITE_BATCH_ROWS = 64 * 1024
+#: Read batch sizes: measured, 64 Ki rows (SQLite) or 16 MB (PostgreSQL, ADBC's default)
+#: cost 30-50 MB more peak memory at 1M rows for no speed.
+_SQLITE_BATCH_ROWS = 16 * 1024
+_POSTGRESQL_BATCH_BYTES = 4 << 20
+#: Batches the reader thread may hold ahead of the writer (memory: a few batches).
+_READ_AHEAD = 2
+#: The SQLite child's pipe: Linux's default 64 KiB costs a context switch per 64 KiB.
+_PIPE_BYTES = 1 << 20
 
 Progress = Callable[[str, int], None]
 
@@ -105,6 +126,8 @@ class ExportReport:
 
 def arrow_type(type_: sqltypes.TypeEngine[Any]) -> pa.DataType:
     """The Arrow type a column of SQL type ``type_`` is exported as."""
+    from sqlalchemy import types as sqltypes
+
     if isinstance(type_, sqltypes.Boolean):
         return pa.bool_()
     if isinstance(type_, sqltypes.Integer):
@@ -122,6 +145,13 @@ def arrow_type(type_: sqltypes.TypeEngine[Any]) -> pa.DataType:
 
 def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
     """Every dataset the export knows, result tables as catalogued right now."""
+    from sqlalchemy import Column, MetaData, Table, select
+
+    from receiver.columns import ColumnType
+    from receiver.models import Delivery, ResultColumn, ResultTable, Task
+    from receiver.rollups import VIEWS
+    from receiver.schema import TableInfo
+
     delivery_columns = [
         Column(c.name, c.type)
         for c in Delivery.__table__.columns
@@ -154,6 +184,8 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
 
 def open_destination(dest: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and root path for a local folder or a URI (``s3://bucket/prefix``)."""
+    import pyarrow.fs as pafs
+
     if "://" in dest:
         fs, path = pafs.FileSystem.from_uri(dest)
         return fs, path.rstrip("/")
@@ -162,6 +194,8 @@ def open_destination(dest: str) -> tuple[pafs.FileSystem, str]:
 
 def read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any]:
     """The destination's manifest, or an empty one before the first run."""
+    import pyarrow.fs as pafs
+
     path = f"{root}/{MANIFEST}"
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
         return {"format": 1, "watermarks": {}, "runs": []}
@@ -186,20 +220,23 @@ def export(
     ``filesystem`` overrides the filesystem ``dest`` implies (``dest`` is then a
     path inside it). ``tables`` limits the run to those datasets.
     """
+    from receiver.db import utcnow
+
     fs, root = (filesystem, dest.rstrip("/")) if filesystem is not None else open_destination(dest)
-    manifest = read_manifest(fs, root)
-    chosen = datasets(engine, with_bodies=with_bodies)
-    if tables:
-        known = {d.name for d in chosen}
-        unknown = sorted(set(tables) - known)
-        if unknown:
-            raise ValueError(f"no such table to export: {', '.join(unknown)}")
-        chosen = [d for d in chosen if d.name in tables]
-    until = export_until(engine, lag)
     run = _Run(engine, fs, root, uuid.uuid4().hex[:12], progress)
-    report = ExportReport(run.run_id, until, {})
     started = utcnow()
     try:
+        run.start_reader()  # its start-up overlaps the planning below
+        manifest = read_manifest(fs, root)
+        chosen = datasets(engine, with_bodies=with_bodies)
+        if tables:
+            known = {d.name for d in chosen}
+            unknown = sorted(set(tables) - known)
+            if unknown:
+                raise ValueError(f"no such table to export: {', '.join(unknown)}")
+            chosen = [d for d in chosen if d.name in tables]
+        until = export_until(engine, lag)
+        report = ExportReport(run.run_id, until, {})
         for dataset in chosen:
             mark = manifest["watermarks"].get(dataset.name)
             lower = max(
@@ -234,6 +271,11 @@ def export(
 
 def export_until(engine: Engine, lag: dt.timedelta) -> dt.datetime:
     """The end of this run's window: ``lag`` ago, but before any delivery not yet processed."""
+    from sqlalchemy import func, select
+
+    from receiver.db import utcnow
+    from receiver.models import Delivery
+
     until = utcnow() - lag
     with engine.connect() as conn:
         pending = conn.scalar(
@@ -275,46 +317,47 @@ class _Run:
         self.root = root
         self.run_id = run_id
         self.progress = progress
-        self.sqlite = is_sqlite(engine)
+        self.sqlite = engine.dialect.name == "sqlite"
         self.staged: list[_Staged] = []
         self.open_temporaries: set[str] = set()
-        self._conn: Any = None
+        self._postgresql: _PostgresqlReader | None = None
+        self._sqlite_child: _SqliteChild | None = None
 
-    def connection(self) -> Any:
-        if self._conn is None:
-            import adbc_driver_postgresql.dbapi
-
-            url = self.engine.url.set(drivername="postgresql")
-            self._conn = adbc_driver_postgresql.dbapi.connect(
-                url.render_as_string(hide_password=False)
-            )
-        return self._conn
+    def start_reader(self) -> None:
+        """Start the SQLite reader process now, so its start-up overlaps other work."""
+        if self.sqlite and self._sqlite_child is None:
+            self._sqlite_child = _SqliteChild(_sqlite_path(self.engine))
+            self._sqlite_child.start()
 
     def dataset(
         self, dataset: Dataset, lower: dt.datetime | None, until: dt.datetime
     ) -> DatasetReport:
         report = DatasetReport(since=None if lower is None else lower.isoformat())
+        where: list[str] = []
+        params: list[dt.datetime | dt.date] = []
+        only: set[str] | None = None
         if dataset.mode == "append":
             where = [f"{self._q(dataset.time_column)} < ?"]
-            params: list[dt.datetime | dt.date] = [until]
+            params = [until]
             if lower is not None:
                 where.insert(0, f"{self._q(dataset.time_column)} >= ?")
                 params.insert(0, lower)
             filename = f"part-{_stamp(lower)}.parquet"
-            only: set[str] | None = None
         else:
-            only = self._changed_days(lower, until)
-            if not only:
-                return report
-            first = dt.date.fromisoformat(min(only))
-            start: dt.datetime | dt.date = first
-            if dataset.time_column != "day":
-                start = dt.datetime.combine(first, dt.time(), dt.UTC)
-            where, params = [f"{self._q(dataset.time_column)} >= ?"], [start]
             filename = f"{dataset.name}.parquet"
+            # A first run rewrites every day there is, so it needs no changed-day scan.
+            if lower is not None:
+                only = self._changed_days(lower, until)
+                if not only:
+                    return report
+                first = dt.date.fromisoformat(min(only))
+                start: dt.datetime | dt.date = first
+                if dataset.time_column != "day":
+                    start = dt.datetime.combine(first, dt.time(), dt.UTC)
+                where, params = [f"{self._q(dataset.time_column)} >= ?"], [start]
         writer = _PartitionWriter(self, dataset, filename, report)
         try:
-            for batch in self._read(dataset, where, params):
+            for batch in _read_ahead(self._read(dataset, where, params), _READ_AHEAD):
                 writer.write(batch, only)
         except BaseException:
             writer.discard()
@@ -326,8 +369,12 @@ class _Run:
         quoted: str = self.engine.dialect.identifier_preparer.quote(name)
         return quoted
 
-    def _changed_days(self, lower: dt.datetime | None, until: dt.datetime) -> set[str]:
+    def _changed_days(self, lower: dt.datetime, until: dt.datetime) -> set[str]:
         """UTC days (first seen) of tasks whose last delivery was received in the window."""
+        from sqlalchemy import func, select
+
+        from receiver.models import Delivery, Task
+
         if self.sqlite:
             day = func.substr(Task.first_seen_at, 1, 10)
         else:
@@ -337,75 +384,43 @@ class _Run:
             .distinct()
             .select_from(Task)
             .join(Delivery, Delivery.id == Task.last_delivery_id)
-            .where(Delivery.received_at < until)
+            .where(Delivery.received_at >= lower, Delivery.received_at < until)
         )
-        if lower is not None:
-            query = query.where(Delivery.received_at >= lower)
         with self.engine.connect() as conn:
             return set(conn.scalars(query))
 
     def _read(
         self, dataset: Dataset, where: list[str], params: list[dt.datetime | dt.date]
-    ) -> Iterator[pa.RecordBatch]:
+    ) -> Generator[pa.RecordBatch, None, None]:
         """Stream the dataset's rows in time order as batches of its Arrow schema."""
         schema = dataset.schema()
         columns = ", ".join(self._q(f.name) for f in schema)
         source = self._q(dataset.table.name)
         order = self._q(dataset.time_column)
         if self.sqlite:
-            sql = f"SELECT {columns} FROM {source} WHERE {' AND '.join(where)} ORDER BY {order}"
-            yield from self._read_sqlite(
-                sql, [_sqlite_param(self.engine, p) for p in params], schema
+            self.start_reader()
+            assert self._sqlite_child is not None
+            # The first row, a typed placeholder sorted first by its empty time, fixes
+            # each column's Arrow type: ADBC infers types from the first batch's values,
+            # and a column that is NULL throughout it would otherwise be typed int64.
+            placeholder = ", ".join(
+                f"{_SQLITE_PLACEHOLDERS[_stored_type(f.type)]} AS {self._q(f.name)}" for f in schema
+            )
+            conditions = " AND ".join([f"{order} IS NOT NULL", *where])
+            sql = (
+                f"SELECT {placeholder} UNION ALL "
+                f"SELECT {columns} FROM {source} WHERE {conditions} ORDER BY {order}"
+            )
+            yield from self._sqlite_child.read(
+                sql, [_sqlite_param(p) for p in params], schema, _SQLITE_BATCH_ROWS
             )
             return
-        cursor = self.connection().cursor()
-        try:
-            # libpq streams (COPY) only queries without bind parameters, so the
-            # values travel as session settings set by a parameterised statement.
-            for i, value in enumerate(params):
-                cursor.execute(
-                    "SELECT set_config($1, $2, false)", (f"receiver.export_p{i}", value.isoformat())
-                )
-                cursor.fetchall()
-            sql_where = " AND ".join(where)
-            for i, value in enumerate(params):
-                kind = "timestamptz" if isinstance(value, dt.datetime) else "date"
-                sql_where = sql_where.replace(
-                    "?", f"CAST(current_setting('receiver.export_p{i}') AS {kind})", 1
-                )
-            cursor.execute(f"SELECT {columns} FROM {source} WHERE {sql_where} ORDER BY {order}")
-            for batch in cursor.fetch_record_batch():
-                if batch.num_rows:
-                    yield _conform(batch, schema)
-        finally:
-            cursor.close()
-
-    def _read_sqlite(
-        self, sql: str, params: list[str], schema: pa.Schema
-    ) -> Iterator[pa.RecordBatch]:
-        """Read through the stdlib ``sqlite3``, the same SQLite library the receiver writes with.
-
-        The ADBC driver carries its own copy of SQLite, and two copies in one
-        process break SQLite's POSIX locking: closing either's file descriptor
-        drops the other's locks, and the last ADBC connection to close deletes
-        the WAL under the receiver's open connections ("disk I/O error").
-        """
-        import sqlite3
-
-        path = self.engine.url.database
-        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
-        # Build each column with its text/integer storage type, cast after (times, bools).
-        stored = [_stored_type(f.type) for f in schema]
-        try:
-            cursor = conn.execute(sql, params)
-            while rows := cursor.fetchmany(_SQLITE_BATCH_ROWS):
-                arrays = [
-                    pa.array(values, type=kind)
-                    for values, kind in zip(zip(*rows, strict=True), stored, strict=True)
-                ]
-                yield _conform(pa.RecordBatch.from_arrays(arrays, names=schema.names), schema)
-        finally:
-            conn.close()
+        if self._postgresql is None:
+            self._postgresql = _PostgresqlReader(self.engine)
+        sql = f"SELECT {columns} FROM {source}"
+        if where:
+            sql += f" WHERE {' AND '.join(where)}"
+        yield from self._postgresql.read(f"{sql} ORDER BY {order}", params, schema)
 
     def stage(self, directory: str, filename: str) -> tuple[str, str]:
         self.fs.create_dir(directory, recursive=True)
@@ -419,24 +434,27 @@ class _Run:
 
     def commit(self) -> None:
         """Make every staged file visible, each by one rename."""
+        self._close()
         for staged in self.staged:
             self.fs.move(staged.temporary, staged.final)
         self.staged = []
-        self._close()
 
     def abort(self) -> None:
         """Delete this run's temporary files; nothing it wrote becomes visible."""
+        self._close()
         for path in [s.temporary for s in self.staged] + sorted(self.open_temporaries):
             with contextlib.suppress(OSError):
                 self.fs.delete_file(path)
         self.staged = []
         self.open_temporaries.clear()
-        self._close()
 
     def _close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+        if self._postgresql is not None:
+            self._postgresql.close()
+            self._postgresql = None
+        if self._sqlite_child is not None:
+            self._sqlite_child.close()
+            self._sqlite_child = None
 
     def write_atomically(self, path: str, data: bytes) -> None:
         temporary = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[1]}.{self.run_id}.tmp"
@@ -444,6 +462,296 @@ class _Run:
         with self.fs.open_output_stream(temporary) as stream:
             stream.write(data)
         self.fs.move(temporary, path)
+
+
+_END = object()
+
+
+def _read_ahead(
+    batches: Generator[pa.RecordBatch, None, None], depth: int
+) -> Iterator[pa.RecordBatch]:
+    """Run ``batches`` in a thread, up to ``depth`` batches ahead of the caller.
+
+    The drivers and the Parquet writer release the GIL, so the next batches are
+    read (and cast) while the caller compresses the current ones. Leaving the
+    loop early stops the thread and closes ``batches`` there.
+    """
+    slots: queue.Queue[object] = queue.Queue(depth)
+    stop = threading.Event()
+
+    def offer(item: object) -> bool:
+        while not stop.is_set():
+            with contextlib.suppress(queue.Full):
+                slots.put(item, timeout=0.05)
+                return True
+        return False
+
+    def pump() -> None:
+        try:
+            for batch in batches:
+                if not offer(batch):
+                    return
+            offer(_END)
+        except BaseException as error:
+            offer(error)
+        finally:
+            batches.close()
+
+    thread = threading.Thread(target=pump, name="export-reader", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not _END:
+            if isinstance(item, BaseException):
+                raise item
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join()
+
+
+class _PostgresqlReader:
+    """One ADBC connection to PostgreSQL for the run (low-level API: no pandas import)."""
+
+    def __init__(self, engine: Engine) -> None:
+        import adbc_driver_manager
+        import adbc_driver_postgresql
+
+        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
+        self._database = adbc_driver_postgresql.connect(url)
+        self._connection = adbc_driver_manager.AdbcConnection(self._database)
+
+    def _query(self, sql: str) -> tuple[Any, pa.RecordBatchReader]:
+        import adbc_driver_manager
+
+        statement = adbc_driver_manager.AdbcStatement(self._connection)
+        try:
+            statement.set_options(
+                **{"adbc.postgresql.batch_size_hint_bytes": str(_POSTGRESQL_BATCH_BYTES)}
+            )
+            statement.set_sql_query(sql)
+            stream, _ = statement.execute_query()
+            return statement, pa.RecordBatchReader.from_stream(stream)
+        except BaseException:
+            statement.close()
+            raise
+
+    def read(
+        self, sql: str, params: list[dt.datetime | dt.date], schema: pa.Schema
+    ) -> Generator[pa.RecordBatch, None, None]:
+        # libpq streams (COPY) only queries without bind parameters, so the values
+        # travel as session settings, set by one parameterised statement.
+        if params:
+            import adbc_driver_manager
+
+            settings = ", ".join(
+                f"set_config('receiver.export_p{i}', ${i + 1}, false)" for i in range(len(params))
+            )
+            statement = adbc_driver_manager.AdbcStatement(self._connection)
+            try:
+                statement.set_sql_query(f"SELECT {settings}")
+                statement.bind(_text_row([p.isoformat() for p in params]))
+                stream, _ = statement.execute_query()
+                pa.RecordBatchReader.from_stream(stream).read_all()
+            finally:
+                statement.close()
+            for i, value in enumerate(params):
+                kind = "timestamptz" if isinstance(value, dt.datetime) else "date"
+                sql = sql.replace(
+                    "?", f"CAST(current_setting('receiver.export_p{i}') AS {kind})", 1
+                )
+        statement, reader = self._query(sql)
+        try:
+            for batch in reader:
+                if batch.num_rows:
+                    yield _conform(batch, schema)
+        finally:
+            reader.close()
+            statement.close()
+
+    def close(self) -> None:
+        self._connection.close()
+        self._database.close()
+
+
+class _SqliteChild:
+    """A child process reading SQLite through ADBC for this run (see `serve_sqlite_reads`).
+
+    Requests go as JSON lines on its stdin; each answer is one Arrow IPC stream
+    on its stdout, already cast to the export types. Its stderr goes to a file,
+    read for the message when the child fails.
+    """
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self._process: subprocess.Popen[bytes] | None = None
+        self._errors: IO[bytes] | None = None
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """The child, started if it is not running."""
+        if self._process is None:
+            package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+            bootstrap = (
+                f"import sys; sys.path.insert(0, {package_parent!r}); "
+                "from receiver.export import serve_sqlite_reads; serve_sqlite_reads()"
+            )
+            self._errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
+            process = subprocess.Popen(
+                [sys.executable, "-c", bootstrap],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=self._errors,
+            )
+            assert process.stdout is not None
+            with contextlib.suppress(OSError):  # a larger pipe is an optimisation only
+                fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+            self._process = process
+        return self._process
+
+    def read(
+        self, sql: str, params: list[str], schema: pa.Schema, batch_rows: int
+    ) -> Generator[pa.RecordBatch, None, None]:
+        process = self.start()
+        assert process.stdin is not None
+        assert process.stdout is not None
+        request = {
+            "database": self.database,
+            "sql": sql,
+            "params": params,
+            "schema": base64.b64encode(schema.serialize().to_pybytes()).decode(),
+            "batch_rows": batch_rows,
+        }
+        finished = False
+        try:
+            try:
+                process.stdin.write(json.dumps(request).encode() + b"\n")
+                process.stdin.flush()
+                with pa.ipc.open_stream(
+                    pa.PythonFile(cast(io.IOBase, process.stdout), mode="r")
+                ) as reader:
+                    yield from reader
+            except (OSError, pa.ArrowException) as error:
+                raise self._failure() from error
+            finished = True
+        finally:
+            if not finished:  # left mid-stream: the pipe cannot be resynchronised
+                self.close(kill=True)
+
+    def _failure(self) -> ReceiverError:
+        process, errors = self._process, self._errors
+        assert process is not None
+        assert errors is not None
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+        errors.seek(0)
+        lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+        return ReceiverError(f"the SQLite reader failed: {lines[-1] if lines else 'no message'}")
+
+    def close(self, *, kill: bool = False) -> None:
+        """End the child: idle, it ends at the end of its stdin; ``kill`` when it is mid-answer."""
+        process, self._process = self._process, None
+        if process is not None:
+            if kill:
+                process.kill()
+            for pipe in (process.stdin, process.stdout):
+                if pipe is not None:
+                    with contextlib.suppress(OSError):
+                        pipe.close()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if self._errors is not None:
+            self._errors.close()
+            self._errors = None
+
+
+def serve_sqlite_reads() -> None:
+    """Child process of `_SqliteChild`: answer each request line with an Arrow IPC stream.
+
+    Runs ``sql`` with ``params`` through ADBC's SQLite driver, read only, drops
+    the placeholder first row, casts to the request's schema, and writes the
+    batches to stdout. On error the traceback goes to stderr and the child exits.
+    """
+    import adbc_driver_manager
+    import adbc_driver_sqlite
+
+    out = pa.PythonFile(cast(io.IOBase, sys.stdout.buffer), mode="w")
+    databases: dict[str, tuple[Any, Any]] = {}
+    try:
+        for line in sys.stdin.buffer:
+            request = json.loads(line)
+            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(request["schema"])))
+            if request["database"] not in databases:
+                database = adbc_driver_sqlite.connect(f"file:{request['database']}?mode=ro")
+                databases[request["database"]] = (
+                    database,
+                    adbc_driver_manager.AdbcConnection(database),
+                )
+            _, connection = databases[request["database"]]
+            statement = adbc_driver_manager.AdbcStatement(connection)
+            try:
+                statement.set_options(
+                    **{"adbc.sqlite.query.batch_rows": str(request["batch_rows"])}
+                )
+                statement.set_sql_query(request["sql"])
+                if request["params"]:
+                    statement.bind(_text_row(request["params"]))
+                stream, _ = statement.execute_query()
+                with (
+                    pa.RecordBatchReader.from_stream(stream) as reader,
+                    pa.ipc.new_stream(out, schema) as writer,
+                ):
+                    placeholder = True
+                    for batch in reader:
+                        if placeholder:
+                            batch, placeholder = _without_placeholder(batch), False
+                        if batch.num_rows:
+                            writer.write_batch(_conform(batch, schema))
+                out.flush()
+            finally:
+                statement.close()
+    finally:
+        for database, connection in databases.values():
+            connection.close()
+            database.close()
+
+
+def _text_row(values: list[str]) -> pa.RecordBatch:
+    """One row of text parameters from raw buffers: ``pa.array`` on Python values imports pandas."""
+    columns = []
+    for value in values:
+        data = value.encode()
+        offsets = pa.py_buffer(struct.pack("<ii", 0, len(data)))
+        columns.append(pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(data)]))
+    return pa.RecordBatch.from_arrays(columns, names=[f"p{i}" for i in range(len(values))])
+
+
+def _without_placeholder(batch: pa.RecordBatch) -> pa.RecordBatch:
+    """The first batch of a SQLite read without its placeholder row (checked, not assumed)."""
+    if batch.num_rows == 0 or any(
+        batch.column(i)[0].as_py() not in ("", 0, 0.0, b"") for i in range(batch.num_columns)
+    ):
+        raise ReceiverError("the SQLite read did not start with its placeholder row")
+    return batch.slice(1)
+
+
+#: Typed literals for the placeholder row, by how SQLite stores the column.
+_SQLITE_PLACEHOLDERS: dict[pa.DataType, str] = {
+    pa.string(): "''",
+    pa.int64(): "0",
+    pa.float64(): "0.0",
+    pa.large_binary(): "X''",
+}
+
+
+def _sqlite_path(engine: Engine) -> str:
+    path = engine.url.database
+    if not path or path == ":memory:":
+        raise ValueError("exporting needs an SQLite database file, not an in-memory database")
+    return os.path.abspath(path)
 
 
 class _PartitionWriter:
@@ -456,6 +764,7 @@ class _PartitionWriter:
         self.report = report
         self.schema = dataset.schema()
         self.date: str | None = None
+        self.done: set[str] = set()
         self.buffer: list[pa.RecordBatch] = []
         self.buffered = 0
         self.rows = 0
@@ -464,39 +773,51 @@ class _PartitionWriter:
         self.paths: tuple[str, str] | None = None
 
     def write(self, batch: pa.RecordBatch, only: set[str] | None) -> None:
+        """Add a batch of rows in time order: each day's rows are one run, sliced, not copied."""
         days = _days(batch.column(self.dataset.time_column))
-        distinct_days: list[str | None] = days.unique().to_pylist()
-        for day in distinct_days:
-            if day is None or (only is not None and day not in only):
+        runs = pc.run_end_encode(days)  # type: ignore[attr-defined]  # not in pyarrow-stubs
+        start = 0
+        for end, value in zip(runs.run_ends, runs.values, strict=True):
+            part, start = batch.slice(start, end.as_py() - start), end.as_py()
+            if not value.is_valid:
                 continue
-            part = (
-                batch if len(distinct_days) == 1 else batch.filter(pc.equal(days, pa.scalar(day)))
-            )
+            day = value.as_py().isoformat()
+            if only is not None and day not in only:
+                continue
             if day != self.date:
+                if day in self.done:
+                    raise ReceiverError(f"{self.dataset.name}: rows out of time order at {day}")
                 self.finish()
                 self._open(day)
             self.buffer.append(part)
             self.buffered += part.num_rows
-            if self.buffered >= ROW_GROUP_ROWS:
-                self._flush()
+            while self.buffered >= ROW_GROUP_ROWS:
+                self._flush(ROW_GROUP_ROWS)
 
     def _open(self, day: str) -> None:
+        import pyarrow.parquet as pq
+
         directory = f"{self.run.root}/{self.dataset.name}/date={day}"
         self.paths = self.run.stage(directory, self.filename)
         self.stream = self.run.fs.open_output_stream(self.paths[0])
-        self.writer = pq.ParquetWriter(self.stream, self.schema, compression="zstd")
+        self.writer = pq.ParquetWriter(
+            self.stream, self.schema, compression="zstd", memory_pool=_memory_pool()
+        )
         self.date = day
+        self.done.add(day)
         self.rows = 0
 
-    def _flush(self) -> None:
+    def _flush(self, rows: int | None = None) -> None:
+        """Write ``rows`` buffered rows (all by default) as one row group, whatever the batches."""
         if not self.buffer or self.writer is None:
             return
-        self.writer.write_table(
-            pa.Table.from_batches(self.buffer, self.schema), row_group_size=ROW_GROUP_ROWS
-        )
-        self.rows += self.buffered
-        self.report.rows += self.buffered
-        self.buffer, self.buffered = [], 0
+        table = pa.Table.from_batches(self.buffer, self.schema)
+        rows = table.num_rows if rows is None else rows
+        self.writer.write_table(table.slice(0, rows), row_group_size=ROW_GROUP_ROWS)
+        self.buffer = table.slice(rows).to_batches()
+        self.buffered -= rows
+        self.rows += rows
+        self.report.rows += rows
         if self.run.progress is not None:
             self.run.progress(self.dataset.name, self.report.rows)
 
@@ -524,11 +845,20 @@ class _PartitionWriter:
         self.writer = self.stream = None
 
 
+def _memory_pool() -> pa.MemoryPool:
+    """The allocator for the export's own buffers: the system's, which returns freed memory.
+
+    pyarrow's default (mimalloc) keeps per-thread heaps, and batches made in the
+    reader thread and freed in the writer's grow them: ~35 MB more peak at 1M rows.
+    """
+    return pa.system_memory_pool()
+
+
 def _days(column: pa.Array[Any]) -> pa.Array[Any]:
-    """Each row's UTC date as ``YYYY-MM-DD`` text."""
+    """Each row's UTC date (date32)."""
     if pa.types.is_timestamp(column.type):
-        column = column.cast(pa.date32(), safe=False)
-    return column.cast(pa.string())
+        return column.cast(pa.date32(), safe=False)
+    return column
 
 
 def _stored_type(type_: pa.DataType) -> pa.DataType:
@@ -540,10 +870,14 @@ def _stored_type(type_: pa.DataType) -> pa.DataType:
     return type_
 
 
-def _sqlite_param(engine: Engine, value: dt.datetime | dt.date) -> str:
+def _sqlite_param(value: dt.datetime | dt.date) -> str:
+    """A bound time as SQLite stores it (SQLAlchemy's naive UTC text), a date as ISO text."""
     if isinstance(value, dt.datetime):
-        text: str = driver_time(engine, value)
-        return text
+        return (
+            value.astimezone(dt.UTC)
+            .replace(tzinfo=None)
+            .isoformat(sep=" ", timespec="microseconds")
+        )
     return value.isoformat()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import socket
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from starlette.testclient import TestClient
 
 from receiver import export as export_module
 from receiver.cli import main
+from receiver.errors import ReceiverError
 from receiver.export import Dataset, datasets, export
 from receiver.models import Delivery, Task
 from tests.conftest import DELIVERIES, post
@@ -150,6 +152,20 @@ def check_readback(engine: Engine, out: Path) -> dict[str, int]:
     return counts
 
 
+def reader_processes() -> list[int]:
+    """Children of this process still running the SQLite reader (`serve_sqlite_reads`)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue  # gone meanwhile
+        if ppid == os.getpid() and b"serve_sqlite_reads" in cmdline:
+            found.append(int(stat.parent.name))
+    return found
+
+
 @pytest.fixture
 def out(tmp_path: Path) -> Path:
     return tmp_path / "export"
@@ -265,6 +281,7 @@ def test_an_interrupted_export_leaves_no_visible_file(
         export(engine, str(out), lag=NOW)
     assert parquet_files(out) == visible  # no new file, not even a temporary one
     assert (out / "_manifest.json").read_bytes() == manifest
+    assert not reader_processes()  # a reader left mid-stream is stopped
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
     export(engine, str(out), lag=NOW)
@@ -304,6 +321,51 @@ def test_rows_stream_in_batches(
     (path,) = (out / "results__items").rglob("*.parquet")
     assert pq.ParquetFile(path).num_row_groups == 6
     assert pc.sum(pq.read_table(path).column("n")).as_py() == sum(range(3000))
+
+
+def test_columns_empty_through_the_first_batch_keep_their_types(
+    client: TestClient, engine: Engine, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # ADBC's SQLite driver types each column from the first batch's values; columns
+    # NULL throughout it must still come out as text, float and bool, not int64.
+    monkeypatch.setattr(export_module, "_SQLITE_BATCH_ROWS", 100)
+    items: list[dict[str, Any]] = [{"sku": f"s{i}"} for i in range(300)]
+    items.append(
+        {"sku": "late", "note": "x", "ratio": 0.5, "ok": True, "seen": "2024-05-01T10:00:00Z"}
+    )
+    post_items(client, engine, items)
+    export(engine, str(out), lag=NOW)
+    check_readback(engine, out)
+    table = pads.dataset(out / "results__items", partitioning="hive").to_table()
+    types = {f.name: f.type for f in table.schema}
+    assert (types["note"], types["ratio"], types["ok"]) == (pa.string(), pa.float64(), pa.bool_())
+    late = [r for r in table.to_pylist() if r["sku"] == "late"]
+    assert [(r["note"], r["ratio"], r["ok"]) for r in late] == [("x", 0.5, True)]
+    assert table.column("note").null_count == 300
+    # SQLite is read by a child process: this one never loads ADBC's second SQLite library,
+    # and the child ends with the run.
+    assert "libadbc_driver_sqlite" not in Path("/proc/self/maps").read_text()
+    assert not reader_processes()
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_a_failing_sqlite_reader_fails_the_run_and_shows_nothing(
+    client: TestClient, engine: Engine, out: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    post_cases(client, engine, CASES[:2])
+    export(engine, str(out), lag=NOW)
+    visible = parquet_files(out)
+    manifest = (out / "_manifest.json").read_bytes()
+    post_cases(client, engine, CASES[2:4])
+    monkeypatch.setattr(export_module, "_SQLITE_BATCH_ROWS", -1)  # the child's driver refuses it
+    with pytest.raises(ReceiverError, match=r"SQLite reader failed: .*batch_rows"):
+        export(engine, str(out), lag=NOW)
+    assert parquet_files(out) == visible
+    assert (out / "_manifest.json").read_bytes() == manifest
+    assert not reader_processes()
+    monkeypatch.undo()
+    export(engine, str(out), lag=NOW)
+    check_readback(engine, out)
 
 
 def test_selected_tables_and_bodies(client: TestClient, engine: Engine, out: Path) -> None:
