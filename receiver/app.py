@@ -34,7 +34,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         engine,
         max_depth=settings.max_depth,
         on_processed=metrics.delivery_processed,
-        busy=lambda: ledger.pending() > 0,
+        busy=lambda: ledger.busy(),
     )
 
     def committed(results: list[Recorded]) -> None:

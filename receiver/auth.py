@@ -6,6 +6,7 @@ environment are compared directly. No token configured means nobody gets in.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import hmac
@@ -15,9 +16,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import Engine, insert, select, update
+from starlette.concurrency import run_in_threadpool
 
 from receiver.db import utcnow
 from receiver.models import Hook, Token
+
+MAX_CACHED_HOOKS = 4096
 
 
 def token_sha256(token: bytes) -> str:
@@ -60,6 +64,16 @@ class Authenticator:
         self.env_tokens = tuple(env_tokens)
         self.cache_seconds = cache_seconds
         self._hooks: dict[str, _HookEntry] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    async def ensure_fresh(self, hook: str, timeout: float) -> None:
+        """Refresh ``hook``'s hashes when stale; concurrent requests share one lookup."""
+        if self.is_cached(hook):
+            return
+        lock = self._locks.setdefault(hook, asyncio.Lock())
+        async with lock:
+            if not self.is_cached(hook):
+                await asyncio.wait_for(run_in_threadpool(self.refresh, hook), timeout)
 
     def is_cached(self, hook: str) -> bool:
         entry = self._hooks.get(hook)
@@ -75,7 +89,13 @@ class Authenticator:
                 )
             ).all()
         hashes = tuple(f"{'g' if h is None else 'h'}{digest}".encode() for h, digest in rows)
-        self._hooks[hook] = _HookEntry(time.monotonic() + self.cache_seconds, exists, hashes)
+        now = time.monotonic()
+        if len(self._hooks) >= MAX_CACHED_HOOKS:  # names come from unauthenticated URLs
+            self._hooks = {k: v for k, v in self._hooks.items() if v.expires > now}
+            self._locks = {k: v for k, v in self._locks.items() if k in self._hooks}
+            if len(self._hooks) >= MAX_CACHED_HOOKS:
+                self._hooks.clear()
+        self._hooks[hook] = _HookEntry(now + self.cache_seconds, exists, hashes)
 
     def check(self, hook: str, header: bytes | None) -> Verdict:
         """Decide from the cache; call `refresh` first when `is_cached` is false."""

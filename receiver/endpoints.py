@@ -71,7 +71,7 @@ async def receive_delivery(request: Request) -> Response:
     lookup_failed = False
     if not auth.is_cached(hook):
         try:
-            await asyncio.wait_for(run_in_threadpool(auth.refresh, hook), wait)
+            await auth.ensure_fresh(hook, wait)
         except Exception as exc:
             # The database is away: decide from the last known hashes and RECEIVER_TOKEN.
             log.warning("token lookup failed for hook %r: %s", hook, type(exc).__name__)

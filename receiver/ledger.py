@@ -28,7 +28,7 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy import Engine
 
-from receiver.db import driver_time, is_sqlite, paramstyle, utcnow
+from receiver.db import driver_time, execute_returning, is_sqlite, paramstyle, utcnow
 from receiver.errors import LedgerUnavailable
 
 log = logging.getLogger("receiver.ledger")
@@ -115,13 +115,10 @@ def write_deliveries(
     sql_dup = paramstyle(engine, _INSERT)
     sql_hook = paramstyle(engine, _INSERT_HOOK)
     sql_find = paramstyle(engine, _FIND_FIRST)
-    hooks_done: set[str] = set()
-    results: list[Recorded] = []
-    for d in deliveries:
-        if d.create_hook and d.hook not in hooks_done:
-            cursor.execute(sql_hook, (d.hook, driver_time(engine, d.received_at)))
-            hooks_done.add(d.hook)
-        common = (
+    for hook, created in {d.hook: d.received_at for d in deliveries if d.create_hook}.items():
+        cursor.execute(sql_hook, (hook, driver_time(engine, created)))
+    rows = [
+        (
             d.id,
             d.hook,
             driver_time(engine, d.received_at),
@@ -134,8 +131,18 @@ def write_deliveries(
             json.dumps(d.labels),
             d.dedupe_key,
         )
-        cursor.execute(sql_first, (*common, d.dedupe_key, None, "stored"))
-        if cursor.fetchone() is not None:
+        for d in deliveries
+    ]
+    # The common case, a new delivery, in one round trip for the whole batch.
+    inserted = execute_returning(
+        engine,
+        cursor,
+        sql_first,
+        [(*r, d.dedupe_key, None, "stored") for d, r in zip(deliveries, rows, strict=True)],
+    )
+    results: list[Recorded] = []
+    for d, common, returned in zip(deliveries, rows, inserted, strict=True):
+        if returned is not None:
             results.append(Recorded(d.id, "stored"))
             continue
         cursor.execute(sql_id, (d.id,))
@@ -174,6 +181,7 @@ class Ledger:
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._conn: Any = None
+        self._last_write = 0.0
 
     def start(self) -> None:
         if self._thread is None:
@@ -188,9 +196,13 @@ class Ledger:
             self._thread = None
         self._close()
 
-    def pending(self) -> int:
-        """Deliveries waiting for the writer: the pipeline yields while there are any."""
-        return self._queue.qsize()
+    def busy(self, within: float = 0.02) -> bool:
+        """Deliveries are waiting, or were written in the last ``within`` seconds.
+
+        The pipeline yields while this holds: under a stream of deliveries the
+        queue empties between group commits, so its length alone says little.
+        """
+        return self._queue.qsize() > 0 or time.monotonic() - self._last_write < within
 
     async def record(self, delivery: RawDelivery, timeout: float | None = None) -> Recorded:
         """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it
@@ -261,6 +273,7 @@ class Ledger:
         log.debug(
             "committed %d deliveries in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3
         )
+        self._last_write = time.monotonic()
         # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
         if self.on_committed is not None:
             try:

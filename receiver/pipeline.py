@@ -234,7 +234,8 @@ class Pipeline:
         on_processed: Callable[[str, str], None] | None = None,
         busy: Callable[[], bool] | None = None,
         batch_size: int = 64,
-        max_yield: float = 0.25,
+        busy_batch_size: int = 8,
+        max_yield: float = 0.5,
         sweep_seconds: float = 60.0,
     ) -> None:
         self.engine = engine
@@ -243,6 +244,7 @@ class Pipeline:
         self.on_processed = on_processed
         self.busy = busy
         self.batch_size = batch_size
+        self.busy_batch_size = busy_batch_size
         self.max_yield = max_yield
         self.sweep_seconds = sweep_seconds
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -310,10 +312,14 @@ class Pipeline:
             return
         self.submit(ids)
 
-    def _yield_to_ingest(self) -> None:
+    def _yield_to_ingest(self) -> bool:
+        """Wait while the ledger has work (up to ``max_yield``); True if it was busy."""
+        if self.busy is None or not self.busy():
+            return False
         deadline = time.monotonic() + self.max_yield
-        while self.busy is not None and self.busy() and time.monotonic() < deadline:
+        while self.busy() and time.monotonic() < deadline:
             time.sleep(0.002)
+        return True
 
     def _process(self, ids: list[str]) -> dict[str, str]:
         try:
@@ -331,16 +337,18 @@ class Pipeline:
             batch = self._take_batch()
             ids = [i for i in batch if i is not None]
             try:
-                if ids:
-                    self._yield_to_ingest()
-                    outcomes = self._process(ids)
+                while ids:
+                    # Under load, small transactions: the write lock is the ledger's too.
+                    size = self.busy_batch_size if self._yield_to_ingest() else self.batch_size
+                    chunk, ids = ids[:size], ids[size:]
+                    outcomes = self._process(chunk)
                     if self.on_processed is not None:
-                        for delivery_id in ids:
+                        for delivery_id in chunk:
                             self.on_processed(delivery_id, outcomes.get(delivery_id, "failed"))
             except Exception:
                 log.exception("pipeline batch bookkeeping failed")
             finally:
                 for _ in batch:
                     self._queue.task_done()
-            if len(ids) < len(batch):
+            if None in batch:
                 return
