@@ -92,6 +92,9 @@ def process_deliveries(
                 )
             except Quarantine as exc:
                 parsed.append((delivery, exc))
+            except Exception as exc:  # a bug in a pure core: keep the delivery, say so
+                log.exception("classifying delivery %s failed", delivery_id)
+                parsed.append((delivery, Quarantine(_failure(exc))))
 
         with write_transaction(conn):
             for delivery, envelope in parsed:
@@ -99,6 +102,10 @@ def process_deliveries(
                     conn, delivery, envelope, registered[delivery.hook][1], max_depth
                 )
     return [outcomes[i] for i in delivery_ids]
+
+
+def _failure(exc: BaseException) -> str:
+    return f"processing failed: {type(exc).__name__}: {str(exc)[:300]}"
 
 
 def _process_one(
@@ -126,7 +133,7 @@ def _process_one(
             # quarantined with the reason, and `receiver reprocess` retries it after a fix.
             savepoint.rollback()
             log.exception("processing delivery %s failed", delivery.id)
-            reason = f"processing failed: {type(exc).__name__}: {str(exc)[:300]}"
+            reason = _failure(exc)
     clear_derived(conn, delivery.id, delivery.hook)
     conn.execute(
         update(Delivery)

@@ -77,3 +77,22 @@ def test_sweep_picks_up_deliveries_left_stored(engine: Engine) -> None:
     finally:
         pipeline.stop()
     assert statuses(engine)[delivery_id][0] == "processed"
+
+
+def test_a_crash_in_a_pure_core_quarantines_with_the_reason(engine: Engine) -> None:
+    deep = b"[" * 100_000 + b"]" * 100_000  # not declared JSON: the parsers recurse and give up
+    ledger = Ledger(engine)
+    ledger.start()
+    try:
+        [recorded] = ledger.record_sync(
+            [
+                RawDelivery(
+                    hook="p", body=deep, content_type="text/plain", headers=(), query_string=""
+                )
+            ]
+        )
+    finally:
+        ledger.stop()
+    [outcome] = process_deliveries(engine, [recorded.delivery_id], max_depth=5)
+    assert outcome.status == "quarantined"
+    assert statuses(engine)[recorded.delivery_id][0] == "quarantined"
