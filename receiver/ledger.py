@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -30,6 +29,7 @@ from sqlalchemy import Engine
 
 from receiver.db import driver_time, execute_returning, is_sqlite, paramstyle, utcnow
 from receiver.errors import LedgerUnavailable
+from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.ledger")
 
@@ -165,8 +165,10 @@ def write_deliveries(
 _Item = tuple[RawDelivery, "Future[Recorded]"]
 
 
-class Ledger:
+class Ledger(QueueWorker[_Item]):
     """Group-committing writer of raw deliveries. `start` it, `record` from async code."""
+
+    thread_name = "ledger-writer"
 
     def __init__(
         self,
@@ -178,22 +180,13 @@ class Ledger:
         self.engine = engine
         self.on_committed = on_committed
         self.max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+        super().__init__(queue.SimpleQueue())
         self._conn: Any = None
         self._last_write = 0.0
 
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
-            self._thread.start()
-
     def stop(self) -> None:
         """Finish what is queued, then stop the writer."""
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        super().stop()
         self._close()
 
     def busy(self, within: float = 0.02) -> bool:

@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import logging
 import queue
-import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from receiver.models import Delivery, Hook, Output
 from receiver.results import delete_results, load_results
 from receiver.schema import lock_hook
 from receiver.tasks import task_ids, task_row, upsert_task
+from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.pipeline")
 
@@ -225,13 +225,15 @@ def _replace_derived(
     )
 
 
-class Pipeline:
+class Pipeline(QueueWorker[str]):
     """A worker thread that processes committed deliveries in arrival order, in batches.
 
     Ingest comes first: while ``busy()`` says the ledger has deliveries waiting
     to be committed, a batch waits (up to ``max_yield`` seconds) so that the
     two do not fight over SQLite's write lock and the GIL.
     """
+
+    thread_name = "pipeline"
 
     def __init__(
         self,
@@ -254,19 +256,8 @@ class Pipeline:
         self.busy_batch_size = busy_batch_size
         self.max_yield = max_yield
         self.sweep_seconds = sweep_seconds
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="pipeline", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join()
-            self._thread = None
+        super().__init__(queue.Queue())
+        self._queue: queue.Queue[str | None]
 
     def submit(self, delivery_ids: Iterable[str]) -> None:
         for delivery_id in delivery_ids:
