@@ -6,27 +6,22 @@ Each command's docstring is its ``--help``.
 from __future__ import annotations
 
 import json
-import mimetypes
 import os
-import shutil
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
-from rich.console import Console
-from rich.table import Table as RichTable
-from sqlalchemy import Engine, insert, select, update
 
-from receiver import auth
-from receiver.db import create_db_engine, upgrade, utcnow
-from receiver.logs import configure_logging
-from receiver.metrics import MULTIPROC_ENV
-from receiver.models import Delivery, Hook, Output, ResultColumn, ResultTable, Task
+from receiver.db import create_db_engine
 from receiver.settings import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy import Engine
+
+# Heavy imports (Alembic, the ORM models, rich, uvicorn, prometheus_client) live in the
+# commands that use them: every command pays for what the module imports, and
+# `receiver costs` must answer in well under a second.
 
 
 def _engine(ctx: click.Context) -> Engine:
@@ -51,6 +46,9 @@ def webhook_object(name: str, url: str, token: str, submitted: str = "full_respo
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from rich.console import Console
+    from rich.table import Table as RichTable
+
     table = RichTable(title=title)
     for column in columns:
         table.add_column(column)
@@ -73,9 +71,15 @@ def main(ctx: click.Context) -> None:
 @click.pass_context
 def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     """Migrate the database, then receive deliveries on POST /hooks/{name}."""
+    import shutil
+
     import uvicorn
 
+    from receiver import auth
     from receiver.app import create_app
+    from receiver.db import upgrade
+    from receiver.logs import configure_logging
+    from receiver.metrics import MULTIPROC_ENV
 
     settings = _settings(ctx)
     configure_logging(settings.log_format)
@@ -160,6 +164,11 @@ def send(
 
     Prints the HTTP status and the answer; exits 1 unless the answer is 200.
     """
+    import mimetypes
+    import urllib.error
+    import urllib.parse
+    import urllib.request
+
     if list_samples:
         _print_table(
             "samples",
@@ -211,6 +220,8 @@ def db() -> None:
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
     """Create or upgrade the core schema (Alembic migrations)."""
+    from receiver.db import upgrade
+
     upgrade(_engine(ctx))
     click.echo("database is up to date")
 
@@ -233,7 +244,11 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
     result table and the schema's typed columns are created at once. Run it
     again with a new schema, then `reprocess --hook NAME --quarantined`.
     """
-    from receiver.db import write_transaction
+    from sqlalchemy import insert, select, update
+
+    from receiver import auth
+    from receiver.db import upgrade, utcnow, write_transaction
+    from receiver.models import Hook
     from receiver.schema import declare
 
     engine = _engine(ctx)
@@ -272,9 +287,9 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
 @click.pass_context
 def hooks_list(ctx: click.Context) -> None:
     """List hooks with their output type, live tokens and deliveries."""
-    from sqlalchemy import func
+    from sqlalchemy import func, select
 
-    from receiver.models import Token
+    from receiver.models import Delivery, Hook, Token
 
     engine = _engine(ctx)
     with engine.connect() as conn:
@@ -305,6 +320,8 @@ def hooks_list(ctx: click.Context) -> None:
 @click.pass_context
 def hooks_rotate(ctx: click.Context, name: str, url: str) -> None:
     """Add a new token to NAME; the old ones stay valid until `hooks revoke`."""
+    from receiver import auth
+
     token = auth.add_token(_engine(ctx), name)
     click.echo(webhook_object(name, f"{url.rstrip('/')}/hooks/{name}", token))
 
@@ -314,6 +331,8 @@ def hooks_rotate(ctx: click.Context, name: str, url: str) -> None:
 @click.pass_context
 def hooks_revoke(ctx: click.Context, name: str) -> None:
     """Revoke every token of NAME (global tokens still work)."""
+    from receiver import auth
+
     count = auth.revoke_tokens(_engine(ctx), name)
     click.echo(f"revoked {count} token(s) of {name}")
 
@@ -329,6 +348,10 @@ def _source_text(key: Any) -> str:
 @click.pass_context
 def tables(ctx: click.Context) -> None:
     """List result tables: hook, parent, columns (with the source key each came from)."""
+    from sqlalchemy import select
+
+    from receiver.models import ResultColumn, ResultTable
+
     engine = _engine(ctx)
     with engine.connect() as conn:
         tables_ = conn.execute(select(ResultTable.__table__).order_by(ResultTable.table_name)).all()
@@ -364,6 +387,10 @@ def deliveries() -> None:
 @click.pass_context
 def deliveries_list(ctx: click.Context, status: str | None, hook: str | None, limit: int) -> None:
     """List the newest deliveries."""
+    from sqlalchemy import select
+
+    from receiver.models import Delivery
+
     query = (
         select(
             Delivery.id,
@@ -396,6 +423,10 @@ def deliveries_list(ctx: click.Context, status: str | None, hook: str | None, li
 @click.pass_context
 def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
     """Show one delivery: its metadata, stored body, and what was derived from it."""
+    from sqlalchemy import select
+
+    from receiver.models import Delivery, Output, Task
+
     with _engine(ctx).connect() as conn:
         row = conn.execute(select(Delivery.__table__).where(Delivery.id == delivery_id)).first()
         if row is None:
@@ -427,7 +458,10 @@ def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
 @click.pass_context
 def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantined: bool) -> None:
     """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent)."""
+    from sqlalchemy import select
+
     from receiver.classify import parse_time
+    from receiver.models import Delivery
     from receiver.pipeline import process_delivery
 
     engine = _engine(ctx)
@@ -475,6 +509,7 @@ def export_command(
     """
     import datetime as dt
 
+    from rich.console import Console
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from receiver.classify import parse_time

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    Date,
     DateTime,
     Float,
     ForeignKey,
@@ -159,3 +160,59 @@ class ResultColumn(Base):
     source_key: Mapped[str] = mapped_column(Text)
     type: Mapped[str] = mapped_column(String(16))
     position: Mapped[int] = mapped_column(Integer)
+
+
+class RollupDaily(Base):
+    """Task measures summed per UTC day, hook and status, kept current by triggers on ``tasks``.
+
+    Read it through the ``cost_daily`` view (migration 0003): ``status_key`` is
+    ``'=' || status``, or ``''`` for a NULL status (a key column cannot be NULL),
+    and each ``known_*`` counts the tasks whose measure is known, so a sum over
+    no known value reads as NULL (unknown), never 0.
+    """
+
+    __tablename__ = "rollup_daily"
+
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    hook: Mapped[str] = mapped_column(Text, primary_key=True)
+    status_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    tasks: Mapped[int] = mapped_column(BigInteger)
+    known_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    known_output_tokens: Mapped[int] = mapped_column(BigInteger)
+    known_total_tokens: Mapped[int] = mapped_column(BigInteger)
+    known_compute_time_s: Mapped[int] = mapped_column(BigInteger)
+    known_cost_usd: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    compute_time_s: Mapped[float] = mapped_column(Float)
+    cost_usd: Mapped[float] = mapped_column(Float)
+
+
+class RollupDelta(Base):
+    """PostgreSQL only (empty on SQLite): changes to `RollupDaily` not yet folded in.
+
+    Statement triggers on ``tasks`` append here rather than update the shared
+    daily rows, so concurrent writers never wait on (or deadlock over) a
+    rollup row; `receiver.rollups.fold` moves the rows into ``rollup_daily``.
+    """
+
+    __tablename__ = "rollup_delta"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    day: Mapped[dt.date] = mapped_column(Date)
+    hook: Mapped[str] = mapped_column(Text)
+    status_key: Mapped[str] = mapped_column(Text)
+    tasks: Mapped[int] = mapped_column(BigInteger)
+    known_input_tokens: Mapped[int] = mapped_column(BigInteger)
+    known_output_tokens: Mapped[int] = mapped_column(BigInteger)
+    known_total_tokens: Mapped[int] = mapped_column(BigInteger)
+    known_compute_time_s: Mapped[int] = mapped_column(BigInteger)
+    known_cost_usd: Mapped[int] = mapped_column(BigInteger)
+    input_tokens: Mapped[int] = mapped_column(BigInteger)
+    output_tokens: Mapped[int] = mapped_column(BigInteger)
+    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    compute_time_s: Mapped[float] = mapped_column(Float)
+    cost_usd: Mapped[float] = mapped_column(Float)
