@@ -59,6 +59,8 @@ from receiver.columns import INT64_MAX, INT64_MIN, Cell, ColumnType, JsonValue, 
 
 Key: TypeAlias = tuple[str, ...]
 
+_TEXT = ColumnType.TEXT
+
 #: Key of a scalar (or cut) list item, and path suffix of a list inside a list.
 VALUE_KEY: Key = ("value",)
 
@@ -226,28 +228,51 @@ class _Flattener:
         depth: int,
         children: list[tuple[_Builder, list[JsonValue], int, int]],
     ) -> None:
-        """Flatten ``obj`` (at ``depth``) into ``row``, iteratively."""
-        frames: list[tuple[Key, Iterator[tuple[str, JsonValue]], int]] = [
+        """Flatten ``obj`` (at ``depth``) into ``row``, iteratively.
+
+        A nested object suspends its parent's item iterator and resumes it after,
+        so cells keep document order; scalars of the plain JSON types (nearly every
+        cell) are stored inline, the rest through `put`.
+        """
+        values = row.values
+        order = table.order
+        types = table.types
+        stack: list[tuple[Key, Iterator[tuple[str, JsonValue]], int]] = [
             ((), iter(obj.items()), depth)
         ]
-        while frames:
-            prefix, items, level = frames[-1]
-            entry = next(items, None)
-            if entry is None:
-                frames.pop()
-                continue
-            key = (*prefix, entry[0])
-            value = entry[1]
-            nested = isinstance(value, dict | list)
-            if nested and level + 1 > self.max_depth:
-                self.put(table, row, key, value)
-            elif isinstance(value, dict):
-                frames.append((key, iter(value.items()), level + 1))
-            elif isinstance(value, list):
-                child = self.builder(table.path + key, table.path)
-                children.append((child, value, row.index, level + 2))
+        while stack:
+            prefix, items, level = stack[-1]
+            for name, value in items:
+                key = (*prefix, name)
+                kind = type(value)
+                if kind is str or value is None:
+                    cell_type = _TEXT if kind is str else None
+                elif kind is float and math.isfinite(value):  # type: ignore[arg-type]
+                    cell_type = ColumnType.FLOAT
+                elif kind is int and INT64_MIN <= value <= INT64_MAX:  # type: ignore[operator]
+                    cell_type = ColumnType.INTEGER
+                elif kind is bool:
+                    cell_type = ColumnType.BOOLEAN
+                elif isinstance(value, dict | list):
+                    if level + 1 > self.max_depth:
+                        self.put(table, row, key, value)
+                    elif isinstance(value, dict):
+                        stack.append((key, iter(value.items()), level + 1))
+                        break  # walk the nested object now, then come back to ``items``
+                    else:
+                        child = self.builder(table.path + key, table.path)
+                        children.append((child, value, row.index, level + 2))
+                    continue
+                else:
+                    self.put(table, row, key, value)
+                    continue
+                values[key] = value  # type: ignore[assignment]  # a scalar by now
+                if key not in order:
+                    order[key] = None
+                if cell_type is not None and key not in types:
+                    types[key] = cell_type
             else:
-                self.put(table, row, key, value)
+                stack.pop()
 
     @staticmethod
     def put(table: _Builder, row: FlatRow, key: Key, value: JsonValue) -> None:

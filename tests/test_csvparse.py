@@ -17,6 +17,7 @@ from receiver.columns import MAX_IDENTIFIER, ColumnType
 from receiver.csvparse import (
     CsvRow,
     CsvTable,
+    _infer_per_cell,
     infer_column_type,
     looks_like_csv,
     parse_csv,
@@ -462,3 +463,66 @@ def test_keys_stay_unique_when_header_mimics_suffix() -> None:
 )
 def test_looks_like_csv(text: str, expected: bool) -> None:
     assert looks_like_csv(text) is expected
+
+
+# --- fast path = careful path -------------------------------------------------------------
+
+# Every character the tokeniser, the repair or the inference treats specially, and NUL.
+CSV_CHARS = st.sampled_from(
+    [*'ab1,"\r\n $.\ufeff0-+:eET\x00', "true", "2024-01-15", ",360", "$95", ".97", "-0.0"]
+)
+
+
+def assert_same_table(text: str, expected_columns: list[str] | None = None) -> None:
+    fast = parse_csv(text, expected_columns)
+    careful = parse_csv(text, expected_columns, careful=True)
+    assert fast == careful
+    # Equal is not enough for cells: 1 == 1.0 == True, and -0.0 == 0.0.
+    for fast_row, careful_row in zip(fast.rows, careful.rows, strict=True):
+        assert [(type(v), repr(v)) for v in fast_row.values] == [
+            (type(v), repr(v)) for v in careful_row.values
+        ]
+        assert list(fast_row.originals.items()) == list(careful_row.originals.items())
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(CSV_CHARS, max_size=80).map("".join))
+def test_fast_path_equals_careful_path_on_arbitrary_text(text: str) -> None:
+    assert_same_table(text)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(CSV_CHARS, max_size=60).map("".join),
+    st.lists(st.sampled_from(["a", "b", "1", "A ", ""]), max_size=3),
+)
+def test_fast_path_equals_careful_path_with_expected_columns(
+    text: str, expected: list[str]
+) -> None:
+    assert_same_table(text, expected)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tables(), st.data())
+def test_fast_path_equals_careful_path_on_written_tables(
+    table_rows: list[list[str]], data: st.DataObject
+) -> None:
+    text = write_csv(table_rows)
+    assert_same_table(text)
+    # Break it somewhere: a stray quote, comma or line break in a random place.
+    at = data.draw(st.integers(min_value=0, max_value=len(text)))
+    stray = data.draw(st.sampled_from(['"', ",", "\n", "\r", '"x', '""']))
+    assert_same_table(text[:at] + stray + text[at:])
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.one_of(st.none(), CELL, *COLUMN_CELLS), max_size=8))
+def test_column_inference_equals_cell_by_cell(texts: list[str | None]) -> None:
+    assert infer_column_type(texts) is _infer_per_cell(texts)
+
+
+def test_fast_path_checks_raw_text_where_the_grammar_fails() -> None:
+    text = 'a,b\n"x"y,1\n"p","q"\n3,"4"\n'
+    fast = parse_csv(text)
+    assert fast == parse_csv(text, careful=True)
+    assert [row.flag for row in fast.rows] == ["irregular quoting", None, None]

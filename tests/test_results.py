@@ -19,9 +19,10 @@ from starlette.testclient import TestClient
 
 from receiver import results
 from receiver.app import create_app
-from receiver.columns import INT64_MAX, INT64_MIN
+from receiver.columns import INT64_MAX, INT64_MIN, ColumnType
 from receiver.csvparse import parse_csv, render_cell
 from receiver.models import Delivery, ResultTable
+from receiver.schema import result_table
 from receiver.settings import Settings
 from tests.conftest import DELIVERIES, post
 from tests.readback import cells, column_map, deliver, hook_tables, raw_rows, settle
@@ -330,3 +331,71 @@ def test_copy_stores_what_executemany_stores(
     assert csv_rows[5]["code"] == "005"
     assert csv_rows[-1]["_flag"] is not None
     assert [r["value"] for r in contents["copy"][2][:4]] == [0, None, 1, None]
+
+
+# --------------------------------------------------------------------------- bulk insert
+
+
+BULK_VALUES: list[dict[str, Any]] = [
+    {
+        "i": 2**63 - 1,
+        "f": 1.5,
+        "b": True,
+        "d": dt.date(2024, 2, 29),
+        "t": dt.datetime(2024, 1, 15, 10, 30, 0, 123456, tzinfo=dt.UTC),
+        "s": "ünï\tcode\\N 🔥",
+        "j": '{"a":[1,2]}',
+    },
+    {
+        "i": -(2**63),
+        "f": 7,  # an int in a float column (JSON gives these): stored as a float
+        "b": False,
+        "d": dt.date(1, 1, 1),
+        "t": dt.datetime(2024, 1, 15, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=5, minutes=30))),
+        "s": "",
+        "j": None,
+    },
+    {"i": None, "f": -0.0, "b": None, "d": None, "t": None, "s": None, "j": "null"},
+]
+
+
+@pytest.mark.parametrize("count", [pytest.param(3, id="few"), pytest.param(1200, id="many")])
+def test_bulk_insert_stores_what_sqlalchemy_stores(engine: Engine, count: int) -> None:
+    """`insert_columns` bypasses SQLAlchemy's per-row processing (and uses COPY on PostgreSQL
+    for many rows): every type must still be stored exactly as a Core insert stores it."""
+    types = {
+        "i": ColumnType.INTEGER,
+        "f": ColumnType.FLOAT,
+        "b": ColumnType.BOOLEAN,
+        "d": ColumnType.DATE,
+        "t": ColumnType.TIMESTAMP,
+        "s": ColumnType.TEXT,
+        "j": ColumnType.JSON,
+    }
+    received = dt.datetime(2026, 1, 2, 3, 4, 5, 6)  # noqa: DTZ001 - naive UTC, as SQLite gives it
+    rows = [BULK_VALUES[n % len(BULK_VALUES)] | {"_row_index": n} for n in range(count)]
+    stored: dict[str, list[tuple[Any, ...]]] = {}
+    with engine.begin() as conn:
+        for mode in ("core", "bulk"):
+            table = result_table(f"results__bulk_{mode}", tuple(types.items()))
+            table.create(conn)
+            system = {"_delivery_id": "d", "_session_id": None, "_received_at": received}
+            if mode == "core":
+                conn.execute(table.insert(), [system | row for row in rows])
+            else:
+                columns = {name: [row[name] for row in rows] for name in [*types, "_row_index"]}
+                results.insert_columns(conn, table, count, columns, system)
+            names = [c.name for c in table.columns]
+            if engine.dialect.name == "sqlite":
+                # typeof() and quote() show the storage class and the exact stored text.
+                listed = ", ".join(f"typeof({n}), quote({n})" for n in names)
+            else:
+                listed = ", ".join(f"{n}::text" for n in names)
+            stored[mode] = [
+                tuple(r)
+                for r in conn.exec_driver_sql(
+                    f"SELECT {listed} FROM {table.name} ORDER BY _row_index"
+                )
+            ]
+    assert stored["bulk"] == stored["core"]
+    assert len(stored["bulk"]) == count
