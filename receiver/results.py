@@ -290,7 +290,8 @@ def _load_csv(
     if not count:
         return 0
     keys = [source_key([column.key]) for column in parsed.columns]
-    note_keys = {name: source_key([name]) for name in ROW_NOTES}
+    # Two parts: a CSV header is always one, so a header named "_flag" keeps its own column.
+    note_keys = {name: source_key(["#row-note", name]) for name in ROW_NOTES}
     by_column: list[tuple[Any, ...]] = (
         list(zip(*(row.values for row in parsed.rows), strict=True)) if parsed.columns else []
     )

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, func, inspect, select
+from sqlalchemy import Engine, func, inspect, select, text
 from starlette.testclient import TestClient
 
 from receiver import results
@@ -399,3 +399,21 @@ def test_bulk_insert_stores_what_sqlalchemy_stores(engine: Engine, count: int) -
             ]
     assert stored["bulk"] == stored["core"]
     assert len(stored["bulk"]) == count
+
+
+def test_a_header_named_like_a_row_note_keeps_its_own_column(
+    client: TestClient, engine: Engine
+) -> None:
+    """`_flag` as a header and the `_flag` note of a ragged row must not share a column."""
+    body = b"name,_flag\nBitcoin,yes\nEthereum,no,extra\n"
+    post(client, "notes", body, "text/csv")
+    with engine.connect() as conn:
+        rows = (
+            conn.execute(text('SELECT * FROM "results__notes" ORDER BY _row_index'))
+            .mappings()
+            .all()
+        )
+    assert [r["flag"] for r in rows] == ["yes", "no"]
+    assert rows[0]["_flag"] is None
+    assert rows[1]["_flag"] is not None
+    assert rows[1]["_flag"].startswith("ragged")
