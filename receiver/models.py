@@ -162,20 +162,9 @@ class ResultColumn(Base):
     position: Mapped[int] = mapped_column(Integer)
 
 
-class RollupDaily(Base):
-    """Task measures summed per UTC day, hook and status, kept current by triggers on ``tasks``.
+class RollupMeasures:
+    """Counts and sums of one rollup row; ``known_*`` counts tasks whose measure is known."""
 
-    Read it through the ``cost_daily`` view (migration 0003): ``status_key`` is
-    ``'=' || status``, or ``''`` for a NULL status (a key column cannot be NULL),
-    and each ``known_*`` counts the tasks whose measure is known, so a sum over
-    no known value reads as NULL (unknown), never 0.
-    """
-
-    __tablename__ = "rollup_daily"
-
-    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
-    hook: Mapped[str] = mapped_column(Text, primary_key=True)
-    status_key: Mapped[str] = mapped_column(Text, primary_key=True)
     tasks: Mapped[int] = mapped_column(BigInteger)
     known_input_tokens: Mapped[int] = mapped_column(BigInteger)
     known_output_tokens: Mapped[int] = mapped_column(BigInteger)
@@ -189,7 +178,23 @@ class RollupDaily(Base):
     cost_usd: Mapped[float] = mapped_column(Float)
 
 
-class RollupDelta(Base):
+class RollupDaily(RollupMeasures, Base):
+    """Task measures summed per UTC day, hook and status, kept current by triggers on ``tasks``.
+
+    Read it through the ``cost_daily`` view (migration 0003): ``status_key`` is
+    ``'=' || status``, or ``''`` for a NULL status (a key column cannot be NULL),
+    and each ``known_*`` counts the tasks whose measure is known, so a sum over
+    no known value reads as NULL (unknown), never 0.
+    """
+
+    __tablename__ = "rollup_daily"
+
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    hook: Mapped[str] = mapped_column(Text, primary_key=True)
+    status_key: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
+class RollupDelta(RollupMeasures, Base):
     """PostgreSQL only (empty on SQLite): changes to `RollupDaily` not yet folded in.
 
     Statement triggers on ``tasks`` append here rather than update the shared
@@ -205,14 +210,3 @@ class RollupDelta(Base):
     day: Mapped[dt.date] = mapped_column(Date)
     hook: Mapped[str] = mapped_column(Text)
     status_key: Mapped[str] = mapped_column(Text)
-    tasks: Mapped[int] = mapped_column(BigInteger)
-    known_input_tokens: Mapped[int] = mapped_column(BigInteger)
-    known_output_tokens: Mapped[int] = mapped_column(BigInteger)
-    known_total_tokens: Mapped[int] = mapped_column(BigInteger)
-    known_compute_time_s: Mapped[int] = mapped_column(BigInteger)
-    known_cost_usd: Mapped[int] = mapped_column(BigInteger)
-    input_tokens: Mapped[int] = mapped_column(BigInteger)
-    output_tokens: Mapped[int] = mapped_column(BigInteger)
-    total_tokens: Mapped[int] = mapped_column(BigInteger)
-    compute_time_s: Mapped[float] = mapped_column(Float)
-    cost_usd: Mapped[float] = mapped_column(Float)
