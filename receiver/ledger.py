@@ -208,7 +208,9 @@ class Ledger(QueueWorker[_Item]):
         future: Future[Recorded] = Future()
         self._queue.put((delivery, future))
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), timeout)
+            # asyncio.timeout, not wait_for: no extra task per request on the hot path.
+            async with asyncio.timeout(timeout):
+                return await asyncio.wrap_future(future)
         except TimeoutError:
             raise LedgerUnavailable(f"database did not answer within {timeout} s") from None
 
