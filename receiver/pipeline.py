@@ -267,14 +267,13 @@ class Pipeline(QueueWorker[str]):
         """Wait until every submitted delivery is processed."""
         self._queue.join()
 
-    def submit_unprocessed(self) -> int:
-        """Queue deliveries stored but never processed (say, before a crash)."""
+    def submit_unprocessed(self, received_before: dt.datetime | None = None) -> int:
+        """Queue deliveries committed but never processed (a crash, a batch lost to an outage)."""
+        query = select(Delivery.id).where(Delivery.status == "stored")
+        if received_before is not None:
+            query = query.where(Delivery.received_at < received_before)
         with self.engine.connect() as conn:
-            ids = list(
-                conn.scalars(
-                    select(Delivery.id).where(Delivery.status == "stored").order_by(Delivery.id)
-                )
-            )
+            ids = list(conn.scalars(query.order_by(Delivery.id).limit(100_000)))
         self.submit(ids)
         return len(ids)
 
@@ -294,21 +293,10 @@ class Pipeline(QueueWorker[str]):
 
     def _sweep(self) -> None:
         """Queue deliveries left 'stored' for a while: a batch that failed during an outage."""
-        cutoff = utcnow() - dt.timedelta(seconds=self.sweep_seconds)
         try:
-            with self.engine.connect() as conn:
-                ids = list(
-                    conn.scalars(
-                        select(Delivery.id)
-                        .where(Delivery.status == "stored", Delivery.received_at < cutoff)
-                        .order_by(Delivery.id)
-                        .limit(10_000)
-                    )
-                )
+            self.submit_unprocessed(utcnow() - dt.timedelta(seconds=self.sweep_seconds))
         except Exception:
             log.warning("pipeline sweep could not reach the database")
-            return
-        self.submit(ids)
 
     def _yield_to_ingest(self) -> bool:
         """Wait while the ledger has work (up to ``max_yield``); True if it was busy."""
