@@ -20,6 +20,8 @@ from typing import Any
 
 import psycopg
 
+from receiver.models import Task
+
 PG_SERVER = os.environ.get("BENCH_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
 
@@ -87,29 +89,8 @@ def _upgrade(db: BenchDatabase) -> None:
         engine.dispose()
 
 
-TASK_COLUMNS = (
-    "task_key",
-    "session_id",
-    "task_id",
-    "hook",
-    "status",
-    "output_type",
-    "input_tokens",
-    "output_tokens",
-    "total_tokens",
-    "compute_time_s",
-    "completion_time_s",
-    "cost_usd",
-    "error",
-    "error_code",
-    "guardrail_type",
-    "guardrail_value",
-    "completed_at",
-    "first_seen_at",
-    "last_delivery_id",
-    "labels",
-    "extra",
-)
+#: The seeded row tuples follow the model's column order (`task_rows` yields them so).
+TASK_COLUMNS = tuple(c.name for c in Task.__table__.columns)
 _HOOKS = ("products", "prices", "news", "jobs", "leads")
 _STATUSES = ("completed",) * 17 + ("failed", "failed", "guardrail")
 _START = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
