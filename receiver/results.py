@@ -34,7 +34,6 @@ from receiver.schema import (
     Catalog,
     TableInfo,
     fits,
-    lock_hook,
     result_table,
     source_key,
 )
@@ -48,13 +47,12 @@ _TEXTUAL = frozenset({ColumnType.TEXT, ColumnType.JSON})
 _BIG_OUTPUT = 256 * 1024
 
 
-def delete_results(conn: Connection, delivery_id: str, hook: str | None = None) -> None:
-    """Remove every result row derived from ``delivery_id`` (before reprocessing it)."""
-    query = select(ResultTable.table_name)
-    if hook is not None:
-        lock_hook(conn, hook)
-        query = query.where(ResultTable.hook == hook)
-    names = list(conn.scalars(query))
+def delete_results(conn: Connection, delivery_id: str, hook: str) -> None:
+    """Remove every result row derived from ``delivery_id`` (before reprocessing it).
+
+    The caller holds ``hook``'s load lock (`pipeline.delete_derived` takes it).
+    """
+    names = list(conn.scalars(select(ResultTable.table_name).where(ResultTable.hook == hook)))
     for name in names:
         table = result_table(name)
         conn.execute(delete(table).where(table.c._delivery_id == delivery_id))
