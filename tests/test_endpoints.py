@@ -7,9 +7,10 @@ import json
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, create_engine, func, insert, select
 from starlette.testclient import TestClient
 
 from receiver import auth
@@ -216,3 +217,18 @@ def test_concurrent_copies_make_one_task(client: TestClient, engine: Engine) -> 
 def test_health_and_ready(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").status_code == 200
+
+
+def test_ready_is_503_when_the_database_is_unreachable(client: TestClient, tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    healthy = client.app.state.engine  # type: ignore[attr-defined]
+    broken = create_engine(f"sqlite:///{blocker / 'receiver.db'}")
+    client.app.state.engine = broken  # type: ignore[attr-defined]
+    try:
+        response = client.get("/readyz")
+    finally:
+        client.app.state.engine = healthy  # type: ignore[attr-defined]
+        broken.dispose()
+    assert response.status_code == 503
+    assert client.get("/healthz").status_code == 200
