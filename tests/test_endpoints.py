@@ -129,6 +129,7 @@ def test_body_over_limit_is_413(settings: Settings, engine: Engine) -> None:
         pytest.param("POST", "/hooks/", 404, id="no-name"),
         pytest.param("POST", "/hooks", 404, id="no-hooks-slash"),
         pytest.param("GET", "/healthz/", 404, id="health-slash"),
+        pytest.param("POST", "/hooks/" + "a" * 129, 404, id="hook-name-too-long"),
     ],
 )
 def test_never_redirects(client: TestClient, method: str, path: str, status: int) -> None:
