@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -109,8 +108,7 @@ def observed(
             status: str | None = None
             delivery_id: str | None = None
             if response is not None and http_status == 200:
-                answer = json.loads(bytes(response.body))
-                status, delivery_id = answer.get("status"), answer.get("delivery_id")
+                status, delivery_id = getattr(request.state, "answer", (None, None))
             metrics.delivery_answered(http_status, status, delivery_id, seconds)
             size = getattr(request.state, "body_size", None)
             declared = request.headers.get("content-length", "")

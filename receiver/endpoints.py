@@ -38,6 +38,17 @@ def _error(status: int, message: str) -> JSONResponse:
     return JSONResponse({"error": message}, status_code=status)
 
 
+def _accepted(request: Request, delivery_id: str, status: str) -> Response:
+    """The 200 for a committed (or spooled) delivery, as JSONResponse would render it.
+
+    Built by hand because it is answered once per delivery on the event loop;
+    the answer is also left on ``request.state`` for the log line and metrics.
+    """
+    request.state.answer = (status, delivery_id)
+    body = f'{{"delivery_id":"{delivery_id}","status":"{status}"}}'.encode()
+    return Response(body, media_type="application/json")
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refusing as soon as it passes ``limit`` whatever Content-Length claims."""
     declared = request.headers.get("content-length")
@@ -106,13 +117,14 @@ async def receive_delivery(request: Request) -> Response:
     try:
         recorded = await ledger.record(delivery, timeout=wait)
     except LedgerUnavailable as exc:
-        return await _spool(state.spool, delivery, str(exc), started)
+        return await _spool(request, delivery, str(exc), started)
     # The per-delivery log line and metrics: `receiver.app.observed`.
-    return JSONResponse({"delivery_id": recorded.delivery_id, "status": recorded.status})
+    return _accepted(request, recorded.delivery_id, recorded.status)
 
 
-async def _spool(spool: Spool, delivery: RawDelivery, why: str, started: float) -> Response:
+async def _spool(request: Request, delivery: RawDelivery, why: str, started: float) -> Response:
     """Keep a delivery the database could not take on local disk; 2xx only once it is there."""
+    spool: Spool = request.app.state.spool
     try:
         await run_in_threadpool(spool.append, delivery)
     except SpoolUnavailable as exc:
@@ -132,7 +144,7 @@ async def _spool(spool: Spool, delivery: RawDelivery, why: str, started: float) 
         delivery.id,
         why,
     )
-    return JSONResponse({"delivery_id": delivery.id, "status": "spooled"})
+    return _accepted(request, delivery.id, "spooled")
 
 
 async def healthz(request: Request) -> Response:

@@ -11,6 +11,7 @@ with no added wait. Duplicates are decided by a unique index on
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -162,7 +163,55 @@ def write_deliveries(
     return results
 
 
-_Item = tuple[RawDelivery, "Future[Recorded]"]
+class _Waiter:
+    """A request awaiting its commit on an event loop.
+
+    The writer answers a whole batch with one ``call_soon_threadsafe`` per
+    loop (one wake-up of the loop per group commit, not one per delivery).
+    """
+
+    __slots__ = ("future", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[Recorded] = loop.create_future()
+
+
+#: Who waits for a delivery: a request on an event loop, or a plain thread.
+_Item = tuple[RawDelivery, "_Waiter | Future[Recorded]"]
+
+
+def _gave_up(waiter: _Waiter | Future[Recorded]) -> bool:
+    """The request stopped waiting (timed out into the spool): do not write it."""
+    if isinstance(waiter, _Waiter):
+        return waiter.future.cancelled()
+    return not waiter.set_running_or_notify_cancel()
+
+
+def _answer(items: list[tuple[_Waiter | Future[Recorded], Recorded | BaseException]]) -> None:
+    """Resolve each waiter with its result or error, one loop wake-up per event loop."""
+    per_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Recorded], Any]]] = {}
+    for waiter, outcome in items:
+        if isinstance(waiter, _Waiter):
+            per_loop.setdefault(waiter.loop, []).append((waiter.future, outcome))
+        elif isinstance(outcome, BaseException):
+            waiter.set_exception(outcome)
+        else:
+            waiter.set_result(outcome)
+    for loop, answers in per_loop.items():
+        # A closed loop has nobody waiting any more.
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_settle, answers)
+
+
+def _settle(answers: list[tuple[asyncio.Future[Recorded], Any]]) -> None:
+    for future, outcome in answers:
+        if future.done():  # cancelled by its timeout meanwhile
+            continue
+        if isinstance(outcome, BaseException):
+            future.set_exception(outcome)
+        else:
+            future.set_result(outcome)
 
 
 class Ledger(QueueWorker[_Item]):
@@ -205,12 +254,12 @@ class Ledger(QueueWorker[_Item]):
         cancelled future makes the writer skip it) or written later by a batch
         already under way, which the spool's replay recognises by its id.
         """
-        future: Future[Recorded] = Future()
-        self._queue.put((delivery, future))
+        waiter = _Waiter(asyncio.get_running_loop())
+        self._queue.put((delivery, waiter))
         try:
             # asyncio.timeout, not wait_for: no extra task per request on the hot path.
             async with asyncio.timeout(timeout):
-                return await asyncio.wrap_future(future)
+                return await waiter.future
         except TimeoutError:
             raise LedgerUnavailable(f"database did not answer within {timeout} s") from None
 
@@ -243,7 +292,7 @@ class Ledger(QueueWorker[_Item]):
 
     def _write(self, batch: list[_Item]) -> None:
         # A request that gave up waiting cancelled its future: skip it, it went to the spool.
-        batch = [(d, f) for d, f in batch if f.set_running_or_notify_cancel()]
+        batch = [(d, w) for d, w in batch if not _gave_up(w)]
         if not batch:
             return
         started = time.perf_counter()
@@ -262,12 +311,14 @@ class Ledger(QueueWorker[_Item]):
             log.warning("ledger write of %d deliveries failed: %s", len(batch), type(exc).__name__)
             self._close()
             error = LedgerUnavailable(f"database refused the delivery: {type(exc).__name__}")
-            for _, future in batch:
-                future.set_exception(error)
+            _answer([(w, error) for _, w in batch])
             return
-        log.debug(
-            "committed %d deliveries in %.1f ms", len(batch), (time.perf_counter() - started) * 1e3
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "committed %d deliveries in %.1f ms",
+                len(batch),
+                (time.perf_counter() - started) * 1e3,
+            )
         self._last_write = time.monotonic()
         # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
         if self.on_committed is not None:
@@ -275,8 +326,7 @@ class Ledger(QueueWorker[_Item]):
                 self.on_committed(results)
             except Exception:  # processing is best effort: the raw rows are committed
                 log.exception("on_committed hook failed")
-        for (_, future), result in zip(batch, results, strict=True):
-            future.set_result(result)
+        _answer([(w, r) for (_, w), r in zip(batch, results, strict=True)])
 
     def _close(self) -> None:
         if self._conn is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 #: Logger of the per-delivery lines; everything the receiver logs is under ``receiver``.
 DELIVERY_LOGGER = "receiver.deliveries"
@@ -21,14 +21,19 @@ _MAX_HOOK = 128
 
 def _plain_value(value: object) -> str:
     text = str(value)
-    if text and text.isprintable() and not any(c in text for c in ' "='):
+    if text and text.isprintable() and " " not in text and '"' not in text and "=" not in text:
         return text
     return json.dumps(text)
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class DeliveryLine:
-    """What is logged about one POST to ``/hooks/{name}``."""
+    """What is logged about one POST to ``/hooks/{name}``.
+
+    Logged as the record's message itself, so the plain text is only built
+    when a plain handler formats it: this runs once per delivery, on the
+    event loop.
+    """
 
     hook: str
     status: str  # stored | duplicate | spooled | rejected
@@ -39,10 +44,15 @@ class DeliveryLine:
     reason: str | None = None
 
     def fields(self) -> dict[str, object]:
-        values = asdict(self)
-        values["hook"] = self.hook[:_MAX_HOOK]
-        values["ms"] = round(self.ms, 1)
-        return values
+        return {
+            "hook": self.hook[:_MAX_HOOK],
+            "status": self.status,
+            "http_status": self.http_status,
+            "size": self.size,
+            "ms": round(self.ms, 1),
+            "delivery_id": self.delivery_id,
+            "reason": self.reason,
+        }
 
     def plain(self) -> str:
         parts = [
@@ -52,9 +62,13 @@ class DeliveryLine:
         ]
         return "delivery " + " ".join(parts)
 
+    __str__ = plain
+
 
 def log_delivery(line: DeliveryLine) -> None:
-    logging.getLogger(DELIVERY_LOGGER).info(line.plain(), extra={"delivery": line.fields()})
+    logger = logging.getLogger(DELIVERY_LOGGER)
+    if logger.isEnabledFor(logging.INFO):
+        logger.info(line, extra={"delivery": line.fields()})
 
 
 class JsonFormatter(logging.Formatter):
