@@ -505,7 +505,8 @@ def export_command(
     """Write tasks, delivery metadata, result tables and rollups to DEST as Parquet.
 
     Incremental: DEST/_manifest.json records what each run wrote, and the next
-    run exports only what is new. See `receiver.export` for the layout.
+    run exports only what is new. One run at a time per local DEST: a second
+    fails at once. See `receiver.export` for the layout.
     """
     import datetime as dt
 
@@ -513,6 +514,7 @@ def export_command(
     from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from receiver.classify import parse_time
+    from receiver.errors import ReceiverError
     from receiver.export import export
 
     when = None
@@ -543,7 +545,7 @@ def export_command(
                     bar.update(tasks[name], description=f"{name}: {rows:,} rows")
 
                 report = export(engine, dest, progress=show, **options)
-    except ValueError as error:
+    except (ValueError, ReceiverError) as error:  # e.g. another export holds DEST's lock
         raise click.ClickException(str(error)) from error
     if not quiet:
         summary = {name: d.rows for name, d in report.datasets.items()}

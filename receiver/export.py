@@ -1,10 +1,25 @@
 """Parquet export: each table a Hive-partitioned dataset, written incrementally and streaming.
 
-Layout: ``DEST/<dataset>/date=YYYY-MM-DD/<file>.parquet`` (zstd), plus
+Layout: ``DEST/<dataset>/date_=YYYY-MM-DD/<file>.parquet`` (zstd), plus
 ``DEST/_manifest.json``, written last, with each dataset's watermark and every
 run's files and row counts. Datasets: ``tasks``, ``deliveries`` (metadata; the
 body only on request), every result table, and the rollup views
 ``cost_daily`` and ``cost_by_label``.
+
+The partition key is ``date_`` because no column can be named that: payload
+names are sanitised to ``[a-z0-9_]`` with no leading or trailing underscore,
+and the receiver's own columns start with one. With ``date=``, a result
+column ``date`` was replaced by the partition value in DuckDB, pyarrow and
+Polars (and refused by pandas). A leading underscore (``_date=``) would not
+do: pyarrow and pandas skip directories starting with ``_`` or ``.``.
+Destinations written in the old layout (manifest format 1) are refused.
+
+A run holds an exclusive lock on ``DEST/.export.lock`` (``flock``) from
+reading the manifest to writing it, so a second export to the same local
+folder fails at once with `DestinationBusy`; the OS drops the lock when its
+holder dies, so a killed run never blocks the next one, which deletes the
+temporary files the killed run left. Remote destinations (``s3://``) are not
+locked: pyarrow has no conditional write to build a lock object on.
 
 Partitions are UTC dates. Deliveries and result rows go by the time their
 delivery was received (``received_at`` / ``_received_at``) and are
@@ -42,7 +57,8 @@ it and stays small.
 Readers: DuckDB ``read_parquet('DEST/t/**/*.parquet', union_by_name = true)``;
 pyarrow ``dataset(..., partitioning="hive", schema=<unified>)``; pandas
 ``read_parquet(DEST/t, schema=<unified>)`` (pandas otherwise takes the first
-file's columns when a table grew between runs).
+file's columns when a table grew between runs; an explicit schema needs a
+``date_`` string field to keep the partition column).
 """
 
 from __future__ import annotations
@@ -51,10 +67,12 @@ import base64
 import contextlib
 import datetime as dt
 import fcntl
+import glob
 import io
 import json
 import os
 import queue
+import re
 import struct
 import subprocess
 import sys
@@ -77,6 +95,14 @@ if TYPE_CHECKING:
     from sqlalchemy import types as sqltypes
 
 MANIFEST = "_manifest.json"
+#: The manifest's format: 2 since partitions are ``date_=`` (1 wrote ``date=``).
+FORMAT = 2
+#: The Hive partition key: a name no exported column can have (see the module docstring).
+PARTITION_KEY = "date_"
+#: Held (``flock``) by the run exporting to a local folder; hidden from readers and globs.
+LOCK = ".export.lock"
+#: A staged file's name (`_Run.stage`, `_Run.write_atomically`): ``.<name>.<run id>.tmp``.
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
 ROW_GROUP_ROWS = 128 * 1024
 #: Read batch sizes: measured, 64 Ki rows (SQLite) or 16 MB (PostgreSQL, ADBC's default)
 #: cost 30-50 MB more peak memory at 1M rows for no speed.
@@ -90,6 +116,10 @@ _PIPE_BYTES = 1 << 20
 Progress = Callable[[str, int], None]
 
 
+class DestinationBusy(ReceiverError):
+    """Another export to the same destination holds its lock."""
+
+
 @dataclass(frozen=True)
 class Dataset:
     """One exported table or view: its columns, partitioning time, and write mode."""
@@ -101,6 +131,9 @@ class Dataset:
     mode: Literal["append", "rewrite"]
 
     def schema(self) -> pa.Schema:
+        names = [c.name for c in self.table.columns]
+        if PARTITION_KEY in names:  # sanitised names cannot end in "_": never, but never silent
+            raise ReceiverError(f"{self.name}: a column is named like the partition key")
         return pa.schema([pa.field(c.name, arrow_type(c.type)) for c in self.table.columns])
 
 
@@ -198,9 +231,17 @@ def read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any]:
 
     path = f"{root}/{MANIFEST}"
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        return {"format": 1, "watermarks": {}, "runs": []}
+        return {"format": FORMAT, "partition_key": PARTITION_KEY, "watermarks": {}, "runs": []}
     with fs.open_input_stream(path) as stream:
         manifest: dict[str, Any] = json.loads(stream.read())
+    if manifest.get("format") == 1:
+        raise ReceiverError(
+            f"{root} holds an export in the old layout (partitions date=..., which hide a result"
+            f" column named date from Hive readers); export to a new folder, which gets every"
+            f" row again in the current layout ({PARTITION_KEY}=...), and delete the old one"
+        )
+    if manifest.get("format") != FORMAT:
+        raise ReceiverError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT}")
     return manifest
 
 
@@ -223,50 +264,101 @@ def export(
     from receiver.db import utcnow
 
     fs, root = (filesystem, dest.rstrip("/")) if filesystem is not None else open_destination(dest)
-    run = _Run(engine, fs, root, uuid.uuid4().hex[:12], progress)
-    started = utcnow()
+    with destination_lock(fs, root) as locked:
+        if locked:
+            _delete_temporaries(root)
+        run = _Run(engine, fs, root, uuid.uuid4().hex[:12], progress)
+        started = utcnow()
+        try:
+            run.start_reader()  # its start-up overlaps the planning below
+            manifest = read_manifest(fs, root)
+            chosen = datasets(engine, with_bodies=with_bodies)
+            if tables:
+                known = {d.name for d in chosen}
+                unknown = sorted(set(tables) - known)
+                if unknown:
+                    raise ValueError(f"no such table to export: {', '.join(unknown)}")
+                chosen = [d for d in chosen if d.name in tables]
+            until = export_until(engine, lag)
+            report = ExportReport(run.run_id, until, {})
+            for dataset in chosen:
+                mark = manifest["watermarks"].get(dataset.name)
+                lower = max(
+                    [t for t in (since, dt.datetime.fromisoformat(mark) if mark else None) if t],
+                    default=None,
+                )
+                if lower is not None and lower >= until:
+                    report.datasets[dataset.name] = DatasetReport(since=lower.isoformat())
+                    continue
+                report.datasets[dataset.name] = run.dataset(dataset, lower, until)
+            run.commit()
+        except BaseException:
+            run.abort()
+            raise
+        for name in report.datasets:
+            manifest["watermarks"][name] = until.isoformat()
+        manifest["runs"].append(
+            {
+                "run_id": run.run_id,
+                "started_at": started.isoformat(),
+                "finished_at": utcnow().isoformat(),
+                "until": until.isoformat(),
+                "datasets": {
+                    name: {"since": r.since, "rows": r.rows, "files": r.files}
+                    for name, r in report.datasets.items()
+                },
+            }
+        )
+        run.write_atomically(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        return report
+
+
+@contextlib.contextmanager
+def destination_lock(fs: pafs.FileSystem, root: str) -> Iterator[bool]:
+    """Hold ``root``'s export lock; yields whether there is one (local folders only).
+
+    ``flock`` on ``root/.export.lock``, not waited for: a second export to the
+    same folder raises `DestinationBusy` at once. The file stays; the lock goes
+    with the descriptor, so also when the holder is killed.
+    """
+    import pyarrow.fs as pafs
+
+    if not isinstance(fs, pafs.LocalFileSystem):
+        yield False  # no conditional write in pyarrow's S3 to build a lock on
+        return
+    from receiver.db import utcnow
+
+    os.makedirs(root, exist_ok=True)
+    path = os.path.join(root, LOCK)
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
-        run.start_reader()  # its start-up overlaps the planning below
-        manifest = read_manifest(fs, root)
-        chosen = datasets(engine, with_bodies=with_bodies)
-        if tables:
-            known = {d.name for d in chosen}
-            unknown = sorted(set(tables) - known)
-            if unknown:
-                raise ValueError(f"no such table to export: {', '.join(unknown)}")
-            chosen = [d for d in chosen if d.name in tables]
-        until = export_until(engine, lag)
-        report = ExportReport(run.run_id, until, {})
-        for dataset in chosen:
-            mark = manifest["watermarks"].get(dataset.name)
-            lower = max(
-                [t for t in (since, dt.datetime.fromisoformat(mark) if mark else None) if t],
-                default=None,
-            )
-            if lower is not None and lower >= until:
-                report.datasets[dataset.name] = DatasetReport(since=lower.isoformat())
-                continue
-            report.datasets[dataset.name] = run.dataset(dataset, lower, until)
-        run.commit()
-    except BaseException:
-        run.abort()
-        raise
-    for name in report.datasets:
-        manifest["watermarks"][name] = until.isoformat()
-    manifest["runs"].append(
-        {
-            "run_id": run.run_id,
-            "started_at": started.isoformat(),
-            "finished_at": utcnow().isoformat(),
-            "until": until.isoformat(),
-            "datasets": {
-                name: {"since": r.since, "rows": r.rows, "files": r.files}
-                for name, r in report.datasets.items()
-            },
-        }
-    )
-    run.write_atomically(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
-    return report
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 256, 0).decode("utf-8", "replace").strip()
+            raise DestinationBusy(
+                f"another export to {root} is running ({holder or 'holder unknown'});"
+                f" try again once it has finished"
+            ) from None
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()}, since {utcnow().isoformat()}\n".encode(), 0)
+        yield True
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+def _delete_temporaries(root: str) -> None:
+    """Delete what runs that died left staged (only safe while holding the lock).
+
+    Only this module's names are touched: ``.<file>.<run id>.tmp`` in the
+    partition folders, and the manifest's in ``root``.
+    """
+    doomed = glob.glob(os.path.join(glob.escape(root), f"*/{PARTITION_KEY}=*/.*.parquet.*.tmp"))
+    doomed += glob.glob(os.path.join(glob.escape(root), f".{MANIFEST}.*.tmp"))
+    for path in doomed:
+        if _TEMPORARY.fullmatch(os.path.basename(path)):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(path)
 
 
 def export_until(engine: Engine, lag: dt.timedelta) -> dt.datetime:
@@ -797,7 +889,7 @@ class _PartitionWriter:
     def _open(self, day: str) -> None:
         import pyarrow.parquet as pq
 
-        directory = f"{self.run.root}/{self.dataset.name}/date={day}"
+        directory = f"{self.run.root}/{self.dataset.name}/{PARTITION_KEY}={day}"
         self.paths = self.run.stage(directory, self.filename)
         self.stream = self.run.fs.open_output_stream(self.paths[0])
         self.writer = pq.ParquetWriter(

@@ -28,7 +28,7 @@ from starlette.testclient import TestClient
 from receiver import export as export_module
 from receiver.cli import main
 from receiver.errors import ReceiverError
-from receiver.export import Dataset, datasets, export
+from receiver.export import PARTITION_KEY, Dataset, datasets, export
 from receiver.models import Delivery, Task
 from tests.conftest import DELIVERIES, post
 
@@ -110,7 +110,8 @@ def check_readback(engine: Engine, out: Path) -> dict[str, int]:
 
         # pyarrow: one dataset over every file, the schema unified across files.
         files = pads.dataset(path, format="parquet", partitioning="hive")
-        unified = pa.unify_schemas([pq.read_schema(f) for f in files.files])
+        partition = pa.schema([pa.field(PARTITION_KEY, pa.string())])
+        unified = pa.unify_schemas([*(pq.read_schema(f) for f in files.files), partition])
         table = pads.dataset(path, format="parquet", partitioning="hive", schema=unified).to_table()
         assert table.num_rows == expected_rows, dataset.name
         for f in schema:
@@ -118,6 +119,9 @@ def check_readback(engine: Engine, out: Path) -> dict[str, int]:
         for c, value in expected_sums.items():
             got = pc.sum(table.column(c)).as_py()
             assert close(got, value), (dataset.name, c, got, value)
+        # The partition key is each row's UTC day of the dataset's time column.
+        days = table.column(dataset.time_column).cast(pa.date32(), safe=False).to_pylist()
+        assert table.column(PARTITION_KEY).to_pylist() == [str(d) for d in days]
 
         # DuckDB: union_by_name over the Hive layout.
         glob = f"{path}/**/*.parquet"
@@ -183,8 +187,8 @@ def test_every_dataset_reads_back_equal(client: TestClient, engine: Engine, out:
 
     # Layout: Hive partitions by UTC date, hidden manifest, no body unless asked.
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    assert (out / "tasks" / f"date={today}" / "tasks.parquet").is_file()
-    assert (out / "cost_daily" / f"date={today}" / "cost_daily.parquet").is_file()
+    assert (out / "tasks" / f"date_={today}" / "tasks.parquet").is_file()
+    assert (out / "cost_daily" / f"date_={today}" / "cost_daily.parquet").is_file()
     assert "body" not in pq.read_schema(next((out / "deliveries").rglob("*.parquet"))).names
     assert not [p for p in parquet_files(out) if ".tmp" in p]
 
@@ -372,7 +376,7 @@ def test_selected_tables_and_bodies(client: TestClient, engine: Engine, out: Pat
     post_cases(client, engine, CASES[:2])
     report = export(engine, str(out), lag=NOW, tables=["deliveries"], with_bodies=True)
     assert set(report.datasets) == {"deliveries"}
-    assert sorted(p.name for p in out.iterdir()) == ["_manifest.json", "deliveries"]
+    assert sorted(p.name for p in out.iterdir()) == [".export.lock", "_manifest.json", "deliveries"]
     table = pads.dataset(out / "deliveries", partitioning="hive").to_table()
     with engine.connect() as conn:
         bodies = set(conn.scalars(select(Delivery.body)))
@@ -445,5 +449,6 @@ def test_export_to_s3(client: TestClient, engine: Engine, s3: pafs.S3FileSystem)
     names = [i.path for i in infos if i.type == pafs.FileType.File]
     assert "exports/run/_manifest.json" in names
     assert not [n for n in names if n.endswith(".tmp")]
+    assert not [n for n in names if n.endswith(export_module.LOCK)]  # S3: not locked (README)
     manifest = json.loads(s3.open_input_stream("exports/run/_manifest.json").read())
     assert manifest["runs"][0]["datasets"]["tasks"]["rows"] == 8
