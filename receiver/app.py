@@ -87,6 +87,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.spool = spool
     app.state.spool_drainer = drainer
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
+    app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
     app.state.authenticator = Authenticator(engine, settings.tokens, settings.auth_cache_seconds)
     return app
 

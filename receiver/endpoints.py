@@ -49,14 +49,13 @@ def _accepted(request: Request, delivery_id: str, status: str) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
+async def read_body(request: Request, limit: int, declared: bytes | None, seconds: float) -> bytes:
     """The body, refusing as soon as it passes ``limit`` whatever Content-Length claims."""
-    declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async with asyncio.timeout(BODY_READ_SECONDS):
+    async with asyncio.timeout(seconds):
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
@@ -65,10 +64,32 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _authorization(request: Request) -> bytes | None:
-    """The raw Authorization bytes; several Authorization headers are refused."""
-    values = [v for k, v in request.scope["headers"] if k.lower() == b"authorization"]
-    return values[0] if len(values) == 1 else None
+class _Headers:
+    """What the endpoint needs from the raw headers, read in one pass over them."""
+
+    __slots__ = ("authorization", "content_length", "content_type", "kept")
+
+    def __init__(self, raw: list[tuple[bytes, bytes]]) -> None:
+        self.authorization: list[bytes] = []
+        self.content_length: bytes | None = None
+        self.content_type: str | None = None
+        kept = []
+        for key, value in raw:
+            name = key.lower()
+            if name in SECRET_HEADERS:
+                if name == b"authorization":
+                    self.authorization.append(value)
+                continue
+            if name == b"content-length" and self.content_length is None:
+                self.content_length = value
+            elif name == b"content-type" and self.content_type is None:
+                self.content_type = value.decode("latin-1")
+            kept.append((key.decode("latin-1"), value.decode("latin-1")))
+        self.kept = tuple(kept)
+
+    def token(self) -> bytes | None:
+        """The raw Authorization bytes; several Authorization headers are refused."""
+        return self.authorization[0] if len(self.authorization) == 1 else None
 
 
 async def receive_delivery(request: Request) -> Response:
@@ -87,29 +108,28 @@ async def receive_delivery(request: Request) -> Response:
             # The database is away: decide from the last known hashes and RECEIVER_TOKEN.
             log.warning("token lookup failed for hook %r: %s", hook, type(exc).__name__)
             lookup_failed = True
-    verdict = auth.check(hook, _authorization(request))
+    headers = _Headers(request.scope["headers"])
+    verdict = auth.check(hook, headers.token())
     if not verdict.ok:
         if lookup_failed:  # maybe a token we could not look up: not the client's fault
             return _error(503, "database unavailable")
         return _error(401, "missing or wrong Authorization")
+    limit: int = state.settings.max_body_bytes
+    body_seconds: float = getattr(state, "body_read_seconds", BODY_READ_SECONDS)
     try:
-        body = await read_body(request, state.settings.max_body_bytes)
+        body = await read_body(request, limit, headers.content_length, body_seconds)
     except BodyTooLarge:
-        return _error(413, f"body larger than {state.settings.max_body_bytes} bytes")
+        return _error(413, f"body larger than {limit} bytes")
     except ClientDisconnect:
         return _error(400, "client disconnected")
     except TimeoutError:
-        return _error(408, f"body not received within {BODY_READ_SECONDS:g} s")
+        return _error(408, f"body not received within {body_seconds:g} s")
     request.state.body_size = len(body)  # for the delivery log line (receiver.logs)
     delivery = RawDelivery(
         hook=hook,
         body=body,
-        content_type=request.headers.get("content-type"),
-        headers=tuple(
-            (k.decode("latin-1"), v.decode("latin-1"))
-            for k, v in request.scope["headers"]
-            if k.lower() not in SECRET_HEADERS
-        ),
+        content_type=headers.content_type,
+        headers=headers.kept,
         query_string=request.scope.get("query_string", b"").decode("latin-1"),
         create_hook=verdict.create_hook,
     )

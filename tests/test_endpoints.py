@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -233,3 +235,53 @@ def test_ready_is_503_when_the_database_is_unreachable(client: TestClient, tmp_p
         broken.dispose()
     assert response.status_code == 503
     assert client.get("/healthz").status_code == 200
+
+
+def test_a_body_that_never_arrives_is_408_and_stores_nothing(
+    client: TestClient, engine: Engine
+) -> None:
+    """A client that sends headers and stalls cannot hold a slot: 408 after the read timeout."""
+    app = client.app
+    app.state.body_read_seconds = 0.3  # type: ignore[attr-defined]
+    sent: list[dict[str, object]] = []
+
+    async def stalled_request() -> None:
+        first = True
+
+        async def receive() -> dict[str, object]:
+            nonlocal first
+            if first:
+                first = False
+                return {"type": "http.request", "body": BODY[:10], "more_body": True}
+            await asyncio.sleep(60)  # the rest never comes
+            raise AssertionError("the timeout should have fired")
+
+        async def send(message: dict[str, object]) -> None:
+            sent.append(message)
+
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "POST",
+            "scheme": "http",
+            "path": "/hooks/h",
+            "raw_path": b"/hooks/h",
+            "query_string": b"",
+            "root_path": "",
+            "headers": [
+                (b"authorization", TOKEN.encode()),
+                (b"content-length", str(len(BODY)).encode()),
+            ],
+            "client": ("127.0.0.1", 1),
+            "server": ("127.0.0.1", 80),
+            "state": {},
+        }
+        started = time.monotonic()
+        await app(scope, receive, send)  # type: ignore[arg-type]
+        assert time.monotonic() - started < 5
+
+    client.portal.call(stalled_request)  # type: ignore[union-attr]
+    assert sent[0]["status"] == 408
+    assert b"not received within 0.3 s" in sent[1]["body"]  # type: ignore[operator]
+    assert count_deliveries(engine) == 0
