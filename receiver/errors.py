@@ -5,7 +5,8 @@ ReceiverError
 ├── LedgerUnavailable the database cannot take the raw delivery (so it goes to the spool)
 ├── SpoolUnavailable  the spool cannot make it durable either (answered 503, never 2xx)
 ├── SpoolCorrupt      a spool file is not a complete, intact delivery (moved aside, kept)
-└── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
+├── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
+└── DestinationBusy   another export to the same folder is running (``receiver export``)
 """
 
 from __future__ import annotations
@@ -37,3 +38,7 @@ class SpoolUnavailable(ReceiverError):
 
 class SpoolCorrupt(ReceiverError):
     """A spool file is not a complete, intact delivery."""
+
+
+class DestinationBusy(ReceiverError):
+    """Another export to the same destination holds its lock."""

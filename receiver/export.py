@@ -86,7 +86,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal, cast
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from receiver.errors import ReceiverError
+from receiver.errors import DestinationBusy, ReceiverError
 
 if TYPE_CHECKING:
     import pyarrow.fs as pafs
@@ -114,10 +114,6 @@ _READ_AHEAD = 2
 _PIPE_BYTES = 1 << 20
 
 Progress = Callable[[str, int], None]
-
-
-class DestinationBusy(ReceiverError):
-    """Another export to the same destination holds its lock."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import pytest
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
-from receiver.export import LOCK, DestinationBusy, export
+from receiver.errors import DestinationBusy
+from receiver.export import LOCK, export
 from tests.test_export import CASES, NOW, check_readback, parquet_files, post_cases, post_items
 
 ROOT = Path(__file__).resolve().parents[1]
