@@ -29,6 +29,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from receiver.cli import UVICORN_OPTIONS
+
 PG_POOL_SIZE = 16
 _SQLITE_DDL = """CREATE TABLE IF NOT EXISTS raw (
     id INTEGER PRIMARY KEY, hook TEXT NOT NULL, received_at TEXT NOT NULL,
@@ -126,7 +128,7 @@ def main() -> None:
     module, _, attr = args.factory.partition(":")
     factory: Callable[[], Starlette] = getattr(importlib.import_module(module), attr)
     # The same call as `receiver serve` (single worker): only the app differs.
-    uvicorn.run(factory(), host="127.0.0.1", port=args.port, timeout_graceful_shutdown=25)
+    uvicorn.run(factory(), host="127.0.0.1", port=args.port, **UVICORN_OPTIONS)
 
 
 if __name__ == "__main__":

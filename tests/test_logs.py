@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import time
+from pathlib import Path
 
+import httpx
 import pytest
 from starlette.testclient import TestClient
 
 from receiver.logs import DELIVERY_LOGGER, DeliveryLine, JsonFormatter, configure_logging
 from tests.conftest import TOKEN, post
+from tests.live import live_server
 
 SECRET_BODY = b'{"sessionId": "s-1", "taskId": "t-1", "type": "task_completed", "x": "SECRETVALUE"}'
 
@@ -78,3 +82,25 @@ def test_a_refused_unprintable_hook_name_stays_on_one_line() -> None:
     line = DeliveryLine("bad\nname\x00" + "x" * 300, "rejected", 404, None, 1.0, reason="hook_name")
     assert "\n" not in line.plain()
     assert len(str(line.fields()["hook"])) == 128
+
+
+def test_serve_writes_one_line_per_delivery_and_no_access_log(db_url: str, tmp_path: Path) -> None:
+    """`receiver serve` as users run it: our line per delivery, not uvicorn's as well."""
+    with live_server(db_url, tmp_path / "data") as server:
+        answer = httpx.post(
+            f"{server.url}/hooks/logged",
+            content=SECRET_BODY,
+            headers={"Authorization": TOKEN, "Content-Type": "application/json"},
+        )
+        assert answer.status_code == 200
+        delivery_id = answer.json()["delivery_id"]
+        deadline = time.monotonic() + 10
+        while delivery_id not in server.log() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        log = server.log()
+    assert [line for line in log.splitlines() if delivery_id in line] == [
+        line for line in log.splitlines() if " delivery hook=logged " in line
+    ]
+    assert len([line for line in log.splitlines() if delivery_id in line]) == 1
+    assert "POST /hooks/logged" not in log
+    assert "SECRETVALUE" not in log
