@@ -8,22 +8,30 @@ conversion that changes the text keeps the original, and every record that is
 repaired, ragged or malformed keeps its raw text, so nothing is silently
 dropped or coerced.
 
-Big tables take a fast path that gives the same table as the careful one
-(``parse_csv(..., careful=True)``, property-tested against it): one grammar
-match over the whole text stands in for checking every record against its raw
-text, and types are inferred and converted a column at a time. No pyarrow:
-the stdlib tokeniser is not what costs here, the Python objects are.
+Two fast paths give the same table as the careful one (``parse_csv(...,
+careful=True)``, property-tested against it): one grammar match over the
+whole text stands in for checking every record against its raw text, and
+types are inferred and converted a column at a time. Big texts
+(`ARROW_MIN_CHARS`) that are regular and one width are also tokenised and
+typed with Arrow (`_parse_arrow`), so no Python object is made per cell: the
+values stay Arrow arrays (`CsvColumns`) all the way to the database.
+Whatever Arrow might read or convert otherwise than the stdlib (ragged or
+irregular records, int64 overflow, other timestamp forms, year 0) goes the
+stdlib way, for the text, the column or the cell concerned.
 """
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import io
 import json
 import math
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from receiver.columns import (
     INT64_MAX,
@@ -33,6 +41,9 @@ from receiver.columns import (
     sanitise_identifier,
     unique_identifier,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "CsvColumn",
@@ -72,6 +83,49 @@ class CsvTable:
 
     columns: tuple[CsvColumn, ...]
     rows: tuple[CsvRow, ...]
+
+
+#: A column's values, one per row (None for an empty cell): a list of cells, or (Arrow
+#: path) an Arrow array of the column's type (`arrow_type`), which `cells` turns into cells.
+ColumnValues: TypeAlias = "list[Cell] | pa.Array[Any]"
+
+
+@dataclass(frozen=True)
+class CsvNote:
+    """What a row keeps besides its values: originals of lossy cells, surplus, raw text, flag."""
+
+    originals: dict[str, str]
+    extra: tuple[str, ...] = ()
+    raw: str | None = None
+    flag: str | None = None
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """The parsed table column by column, as the loader takes it (`CsvTable` by rows)."""
+
+    columns: tuple[CsvColumn, ...]
+    count: int
+    #: One entry per column.
+    values: tuple[ColumnValues, ...]
+    #: Only the rows that have originals, extra cells, raw text or a flag.
+    notes: dict[int, CsvNote]
+
+    def cells(self, index: int) -> list[Cell]:
+        """Column ``index`` as cells, whichever form it is held in."""
+        return to_cells(self.values[index], self.columns[index].type)
+
+    def table(self) -> CsvTable:
+        by_column = [self.cells(i) for i in range(len(self.columns))]
+        typed: list[tuple[Cell, ...]] = (
+            list(zip(*by_column, strict=True)) if by_column else [()] * self.count
+        )
+        empty = CsvNote({})
+        rows: list[CsvRow] = []
+        for index, values in enumerate(typed):
+            note = self.notes.get(index, empty)
+            rows.append(CsvRow(values, note.originals, note.extra, note.raw, note.flag))
+        return CsvTable(self.columns, tuple(rows))
 
 
 # --- type inference -----------------------------------------------------------------------
@@ -555,7 +609,29 @@ def parse_csv(
     """
     if careful:
         return _parse_careful(text, expected_columns)
-    tokens = _Tokens(_strip_bom(text))
+    return parse_csv_columns(text, expected_columns).table()
+
+
+def parse_csv_columns(
+    text: str, expected_columns: Sequence[str] | None = None, *, arrow: bool | None = None
+) -> CsvColumns:
+    """`parse_csv` column by column, the form the loader takes.
+
+    ``arrow`` picks Arrow's tokeniser and vectorised typing (by default for
+    texts from `ARROW_MIN_CHARS`); it is used only where it reads the text as
+    the stdlib path does, which the tests check against the careful path.
+    """
+    text = _strip_bom(text)
+    if arrow if arrow is not None else len(text) >= ARROW_MIN_CHARS:
+        parsed = _parse_arrow(text, expected_columns)
+        if parsed is not None:
+            return parsed
+    return _parse_python(text, expected_columns)
+
+
+def _parse_python(text: str, expected_columns: Sequence[str] | None) -> CsvColumns:
+    """The stdlib fast path: one grammar match, raw text only where it may differ."""
+    tokens = _Tokens(text)
     records = range(len(tokens.records))
     headers: Sequence[str]
     if expected_columns is not None:
@@ -566,14 +642,14 @@ def parse_csv(
                 records = range(1, len(tokens.records))
     else:
         if not tokens.records:
-            return CsvTable((), ())
+            return CsvColumns((), 0, (), {})
         headers = tokens.records[0][0]
         records = range(1, len(tokens.records))
     specs = _columns(headers)
     keys = [key for key, _, _ in specs]
     width = len(keys)
     texts: list[list[str]] = []
-    notes: dict[int, _Shaped] = {}  # row -> its shape, for rows with extra, raw text or a flag
+    shapes: dict[int, _Shaped] = {}  # row -> its shape, for rows with extra, raw text or a flag
     regular = tokens.regular
     for index in records:
         fields, _, _, error = tokens.records[index]
@@ -581,7 +657,7 @@ def parse_csv(
             texts.append(fields)
             continue
         shaped = _shape(tokens.record(index), keys)
-        notes[len(texts)] = shaped
+        shapes[len(texts)] = shaped
         got = shaped.texts
         texts.append(got if len(got) == width else [*got, *[""] * (width - len(got))])
     by_column: list[Sequence[str]] = list(zip(*texts, strict=True)) or [() for _ in specs]
@@ -590,26 +666,21 @@ def parse_csv(
         CsvColumn(key=key, name=name, original=original, type=column_type)
         for (key, name, original), (column_type, _) in zip(specs, inferred, strict=True)
     )
-    values: list[list[Cell]] = []
+    values: list[ColumnValues] = []
     originals: dict[int, dict[str, str]] = {}
     for column, column_texts, (_, parsed) in zip(columns, by_column, inferred, strict=True):
         converted, lossy = _convert_column(column_texts, column.type, parsed)
         values.append(converted)
         for row in lossy:
             originals.setdefault(row, {})[column.key] = column_texts[row]
-    # No columns at all (an empty header) still gives one row per record.
-    row_values: list[tuple[Cell, ...]] = list(zip(*values, strict=True)) if values else []
-    if not values:
-        row_values = [()] * len(texts)
-    rows: list[CsvRow] = []
-    for index, typed in enumerate(row_values):
-        note = notes.get(index)
-        kept = originals.get(index, {})
-        if note is None:
-            rows.append(CsvRow(typed, kept, (), None, None))
-        else:
-            rows.append(CsvRow(typed, kept, note.extra, note.raw, note.flag))
-    return CsvTable(columns, tuple(rows))
+    notes = {
+        row: CsvNote(originals.get(row, {}), shaped.extra, shaped.raw, shaped.flag)
+        for row, shaped in shapes.items()
+    }
+    for row, kept in originals.items():
+        if row not in notes:
+            notes[row] = CsvNote(kept)
+    return CsvColumns(columns, len(texts), tuple(values), notes)
 
 
 _CONVERTERS: dict[ColumnType, Callable[[str], Cell]] = {
@@ -706,6 +777,256 @@ def _typed_row(row: _Shaped, columns: Sequence[CsvColumn]) -> CsvRow:
             originals[column.key] = text
         values.append(value)
     return CsvRow(tuple(values), originals, row.extra, row.raw, row.flag)
+
+
+# --- the Arrow path -----------------------------------------------------------------------
+
+#: Texts from this many characters take the Arrow path by default (`parse_csv_columns`).
+ARROW_MIN_CHARS = 64 * 1024
+
+
+def _re2(pattern: re.Pattern[str]) -> str:
+    """A fullmatch pattern as RE2 (Arrow's regex engine) spells it: anchored at both ends."""
+    return f"^(?:{pattern.pattern})$"
+
+
+# The grammar of `_REGULAR_TEXT` without possessive or atomic groups, which RE2 lacks and this
+# grammar does not need: a field's first character decides its form, so there is one way to
+# read a text and a backtracking matcher and an automaton accept the same texts.
+_RE2_FIELD = r'"[^"]*(?:""[^"]*)*"|[^",\r\n][^,\r\n]*|'
+_RE2_RECORD = f"(?:{_RE2_FIELD})(?:,(?:{_RE2_FIELD}))*"
+_RE2_REGULAR_TEXT = f"^(?:{_RE2_RECORD}(?:\\r\\n|\\r|\\n))*{_RE2_RECORD}$"
+_RE2_BOOLEAN = "^(?:[tT][rR][uU][eE]|[fF][aA][lL][sS][eE])$"  # ASCII: what str.lower() maps
+# Float text that `repr` gives back unchanged: fixed notation (|x| >= 1e-4), no superfluous
+# zero, and (with the length bound) at most 15 digits, which always survive a round trip.
+_RE2_CANONICAL_FLOAT = (
+    r"^(?:-?[1-9][0-9]*\.(?:0|[0-9]*[1-9])|0\.0|-?0\.0{0,3}[1-9](?:[0-9]*[1-9])?)$"
+)
+# Timestamps Arrow parses as `_parse_timestamp` does (other forms are typed cell by cell).
+_RE2_ARROW_TIMESTAMP = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{1,6})?Z$"
+_RE2_CANONICAL_TIMESTAMP = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(?:\.[0-9]{6})?Z$"
+)
+
+
+def _parse_arrow(text: str, expected_columns: Sequence[str] | None) -> CsvColumns | None:
+    """Tokenise and type with Arrow; None where Arrow might not read the text as ``csv`` does.
+
+    Only a regular text (`_REGULAR_TEXT`) whose records all have one width
+    qualifies: ``csv`` then reads every record cleanly (no repair, no raw
+    text, no flag) and Arrow's reader splits the same fields.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pacsv
+
+    try:
+        data = text.encode("utf-8")
+    except UnicodeEncodeError:  # lone surrogates: only the stdlib path reads those
+        return None
+    if not pc.all(pc.match_substring_regex(_one_string(data), _RE2_REGULAR_TEXT)).as_py():
+        return None
+    if len(text) > csv.field_size_limit():
+        csv.field_size_limit(_FIELD_LIMIT)
+    first = next(filter(None, csv.reader(m.group() for m in _LINE.finditer(text))), None)
+    if first is None:
+        return None
+    width = len(first)
+    try:
+        read = pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(
+                autogenerate_column_names=True,  # the header is a record like the others here
+                use_threads=False,  # as fast on two cores, and it leaves one to the server
+                block_size=min(max(len(data), 1 << 20), 2**31 - 1),  # one block: no straddling
+            ),
+            # The defaults otherwise: comma, double quote, doubled quotes, no escape, blank
+            # lines skipped (csv gives them as empty records, which the stdlib path drops).
+            parse_options=pacsv.ParseOptions(newlines_in_values=True),
+            convert_options=pacsv.ConvertOptions(
+                column_types={f"f{i}": pa.string() for i in range(width)},
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+            ),
+        )
+    except pa.ArrowInvalid:  # a ragged record: the stdlib path shapes and flags it
+        return None
+    texts: list[Any] = [read.column(i).combine_chunks() for i in range(width)]
+    found = [column[0].as_py() for column in texts]
+    start = 1
+    if expected_columns is not None:
+        headers: Sequence[str] = list(expected_columns)
+        if len(headers) != width:
+            return None
+        start = 1 if _matches(found, headers) else 0
+    else:
+        headers = found
+    specs = _columns(headers)
+    values: list[ColumnValues] = []
+    columns: list[CsvColumn] = []
+    originals: dict[int, dict[str, str]] = {}
+    for (key, name, original), column_texts in zip(specs, texts, strict=True):
+        column_type, typed, lossy, lossy_texts = _arrow_typed(column_texts.slice(start))
+        columns.append(CsvColumn(key=key, name=name, original=original, type=column_type))
+        values.append(typed)
+        for row, kept in zip(lossy, lossy_texts, strict=True):
+            originals.setdefault(row, {})[key] = kept
+    notes = {row: CsvNote(kept) for row, kept in originals.items()}
+    return CsvColumns(tuple(columns), read.num_rows - start, tuple(values), notes)
+
+
+def _one_string(data: bytes) -> pa.Array[Any]:
+    """A one-element Arrow string array over ``data`` (``pa.array`` would import pandas)."""
+    import struct
+
+    import pyarrow as pa
+
+    offsets = pa.py_buffer(struct.pack("<qq", 0, len(data)))
+    return pa.Array.from_buffers(pa.large_string(), 1, [None, offsets, pa.py_buffer(data)])
+
+
+_Typed: TypeAlias = tuple[ColumnType, ColumnValues, list[int], list[str]]
+
+
+def _arrow_typed(texts: Any) -> _Typed:
+    """`_typed_column` and `_convert_column` over an Arrow string column.
+
+    Returns the type, the values, and the rows (with their texts) whose
+    conversion changed the text. Whatever Arrow does not handle exactly as
+    the stdlib path does (int64 overflow candidates, other timestamp forms,
+    values Arrow refuses) goes to the stdlib code, for the cells or the
+    column concerned.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    lengths = pc.binary_length(texts)
+    present = pc.cast(lengths, pa.bool_())
+    values = texts
+    if not pc.all(present).as_py():
+        values = pc.if_else(present, texts, pa.nulls(len(texts), texts.type))  # "" -> None
+    filled = values.drop_null()
+    if not len(filled):
+        return ColumnType.TEXT, values, [], []
+
+    def every(pattern: str, among: Any = filled) -> bool:
+        return bool(pc.all(pc.match_substring_regex(among, pattern)).as_py())
+
+    first: str = filled[0].as_py()
+    try:
+        if _FLOAT.fullmatch(first):
+            if not every(_re2(_FLOAT)):
+                return ColumnType.TEXT, values, [], []
+            integral = pc.match_substring_regex(filled, _re2(_INTEGER))
+            if pc.max(lengths).as_py() >= _INT64_DIGITS:  # the only ones that may overflow
+                long = pc.cast(pc.binary_length(filled), pa.int64())
+                many = pc.greater_equal(long, _int64_scalar(_INT64_DIGITS))
+                suspects = filled.filter(pc.and_(integral, many))
+                if not all(map(_fits_int64, suspects.to_pylist())):
+                    return ColumnType.TEXT, values, [], []
+            if pc.all(integral).as_py():
+                return _arrow_integers(values)
+            return _arrow_floats(values)
+        if first.lower() in _BOOLEANS:
+            if not every(_RE2_BOOLEAN):
+                return ColumnType.TEXT, values, [], []
+            exact = pc.match_substring_regex(values, "^(?:true|false)$")
+            truth = pc.starts_with(values, "t", ignore_case=True)
+            return _with_lossy(ColumnType.BOOLEAN, truth, values, exact)
+        # Arrow's calendar has a year 0, Python's has not: such text goes the stdlib way.
+        year_zero = _DATE.match(first) and pc.any(pc.starts_with(filled, "0000")).as_py()
+        if _DATE.fullmatch(first):
+            if not every(_re2(_DATE)):
+                return ColumnType.TEXT, values, [], []
+            if not year_zero:
+                return ColumnType.DATE, pc.cast(values, pa.date32()), [], []
+        elif _TIMESTAMP.fullmatch(first):
+            if every(_RE2_ARROW_TIMESTAMP) and not year_zero:
+                stamps = pc.cast(values, pa.timestamp("us", "UTC"))
+                canonical = pc.and_(
+                    pc.match_substring_regex(values, _RE2_CANONICAL_TIMESTAMP),
+                    pc.invert(pc.ends_with(values, ".000000Z")),
+                )
+                return _with_lossy(ColumnType.TIMESTAMP, stamps, values, canonical)
+            if not every(_re2(_TIMESTAMP)):
+                return ColumnType.TEXT, values, [], []
+        else:
+            return ColumnType.TEXT, values, [], []
+    except pa.ArrowInvalid:  # a value Arrow refuses: the stdlib path decides what it is
+        pass
+    return _python_typed(values)
+
+
+def _arrow_integers(values: Any) -> _Typed:
+    """For text matching `_INTEGER` that fits int64: only "+n" and "-0" are not what str gives."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    plus = pc.starts_with(values, "+")
+    unsigned = values
+    if pc.any(plus).as_py():  # Arrow's parser refuses a leading "+"
+        unsigned = pc.replace_substring_regex(values, r"^\+", "")
+    integers = pc.cast(unsigned, pa.int64())
+    lossy = pc.or_(plus, pc.starts_with(values, "-0"))  # "-0" can only be "-0" itself
+    return _with_lossy(ColumnType.INTEGER, integers, values, pc.invert(lossy))
+
+
+def _arrow_floats(values: Any) -> _Typed:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    floats = pc.cast(values, pa.float64())  # correctly rounded, as float() is
+    if not pc.all(pc.is_finite(floats)).as_py():
+        return ColumnType.TEXT, values, [], []
+    # At most 16 characters, one of them the point: at most 15 digits.
+    short = pc.less_equal(pc.cast(pc.binary_length(values), pa.int64()), _int64_scalar(16))
+    canonical = pc.and_(short, pc.match_substring_regex(values, _RE2_CANONICAL_FLOAT))
+    suspects = pc.indices_nonzero(pc.invert(canonical))
+    rows: list[int] = []
+    texts: list[str] = []
+    for row, text in zip(suspects.to_pylist(), values.take(suspects).to_pylist(), strict=True):
+        value = float(text)
+        if repr(value) != text or _is_negative_zero(value):
+            rows.append(row)
+            texts.append(text)
+    return ColumnType.FLOAT, floats, rows, texts
+
+
+def _int64_scalar(value: int) -> pa.Scalar[Any]:
+    """An Arrow int64 scalar (``pa.scalar`` would import pandas)."""
+    import pyarrow as pa
+
+    data = pa.py_buffer(value.to_bytes(8, sys.byteorder, signed=True))
+    return pa.Array.from_buffers(pa.int64(), 1, [None, data])[0]
+
+
+def _with_lossy(column_type: ColumnType, typed: Any, texts: Any, same: Any) -> _Typed:
+    """The typed column with the rows (and texts) where ``same`` is false; nulls are not lossy."""
+    import pyarrow.compute as pc
+
+    lossy = pc.indices_nonzero(pc.invert(same))
+    return column_type, typed, lossy.to_pylist(), texts.take(lossy).to_pylist()
+
+
+def _python_typed(values: Any) -> _Typed:
+    """The stdlib inference and conversion for one column."""
+    texts = [text or "" for text in values.to_pylist()]
+    column_type, parsed = _typed_column(texts)
+    converted, lossy = _convert_column(texts, column_type, parsed)
+    return column_type, converted, lossy, [texts[row] for row in lossy]
+
+
+def to_cells(values: ColumnValues, column_type: ColumnType) -> list[Cell]:
+    """A column's values as cells (aware UTC datetimes for timestamps), whichever form it is in."""
+    if isinstance(values, list):
+        return values
+    if column_type is ColumnType.TIMESTAMP:
+        import pyarrow as pa
+
+        naive: Any = values.view(pa.timestamp("us"))
+        return [None if v is None else v.replace(tzinfo=dt.UTC) for v in naive.to_pylist()]
+    converted: list[Cell] = values.to_pylist()
+    return converted
 
 
 # --- sniffing -----------------------------------------------------------------------------

@@ -1,34 +1,55 @@
 """Load an output's rows into its hook's result tables.
 
-structured_json goes through `rows.flatten`, structured_csv through
-`csvparse.parse_csv`; both end here as plain dicts keyed by catalogued
+structured_json goes through `rows.flatten` (or, for an array of flat
+objects, `rows.flat_records`), structured_csv through
+`csvparse.parse_csv_columns`; both end here as columns keyed by catalogued
 column names. A cell that does not fit its column's type goes to the
 variant column ``<name>__v_<type>``: never coerced, never dropped. JSON
 text from a depth cut and a plain string never share a column, so a reader
-can always tell them apart. Large batches go to PostgreSQL through ``COPY``
-(`insert_rows` is the one place that knows).
+can always tell them apart. Whole columns whose cells all fit are placed at
+once. `insert_columns` is the one place that knows how a batch reaches each
+database: multi-row INSERTs on SQLite, binary ``COPY`` on PostgreSQL (built
+from Arrow arrays in one buffer when the columns allow).
 """
 
 from __future__ import annotations
 
+import array
 import contextlib
 import datetime as dt
 import gc
 import itertools
 import json
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+import math
+import struct
+import sys
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jsonschema
 from psycopg import sql as pgsql
-from sqlalchemy import Connection, Table, delete, select
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    Float,
+    Integer,
+    Table,
+    Text,
+    delete,
+    select,
+)
+from sqlalchemy.types import TypeEngine
 
 from receiver.classify import Output, OutputType
-from receiver.columns import ColumnType
-from receiver.csvparse import parse_csv
+from receiver.columns import Cell, ColumnType
+from receiver.csvparse import ColumnValues, CsvColumns, parse_csv_columns, to_cells
 from receiver.errors import Quarantine
 from receiver.models import ResultTable
-from receiver.rows import FlatColumn, FlatTable, Key, flatten
+from receiver.rows import FlatColumn, FlatRecords, FlatTable, Key, flat_records, flatten
 from receiver.schema import (
     ROW_NOTES,
     Catalog,
@@ -37,6 +58,9 @@ from receiver.schema import (
     result_table,
     source_key,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 Row = dict[str, Any]
 
@@ -152,6 +176,8 @@ class _Cells:
     def __init__(self, rows: int) -> None:
         self.rows = rows
         self.columns: dict[str, list[Any]] = {}
+        #: Whole columns set as they are (Arrow arrays from the CSV parser): never put into.
+        self.whole: dict[str, Values] = {}
 
     def put(self, name: str, row: int, value: Any) -> None:
         column = self.columns.get(name)
@@ -159,15 +185,10 @@ class _Cells:
             column = self.columns[name] = [None] * self.rows
         column[row] = value
 
-    def set_column(self, name: str, values: Sequence[Any], start: int = 0) -> None:
-        """Store ``values[start:]`` in rows ``start`` onwards (all rows by default)."""
-        if start == 0:
-            self.columns[name] = list(values)
-            return
-        column = self.columns.get(name)
-        if column is None:
-            column = self.columns[name] = [None] * self.rows
-        column[start:] = values[start:]
+    def set_column(self, name: str, values: Values) -> None:
+        """Store a whole column, replacing whatever was put in it."""
+        self.columns.pop(name, None)
+        self.whole[name] = values
 
 
 # Python types whose values fit a column of each type as they are (see `schema.fits`).
@@ -183,6 +204,11 @@ _FITTING: dict[ColumnType, frozenset[type]] = {
 def _load_json(
     conn: Connection, catalog: Catalog, output: Output, system: Row, max_depth: int
 ) -> int:
+    records = flat_records(output.value)
+    if records is not None:
+        written = _load_records(conn, catalog, records, system)
+        if written is not None:
+            return written
     flat_tables = flatten(output.value, max_depth=max_depth)
     infos: dict[tuple[Any, ...], TableInfo] = {}
     written = 0
@@ -203,8 +229,68 @@ def _load_json(
             "_parent_index": [row.parent_index for row in flat.rows],
             "_list_index": [row.list_index for row in flat.rows],
         }
+        _note_negative_zeros(catalog, info, cells)
         written += _insert(conn, info, cells, system, system_cells)
     return written
+
+
+def _load_records(
+    conn: Connection, catalog: Catalog, records: FlatRecords, system: Row
+) -> int | None:
+    """`_load_json` for a top-level array of flat objects, whole columns at a time.
+
+    As `_place_json_columns` does for `flatten`'s root table; None (having
+    written nothing) when a cell would not go to its column as it is.
+    """
+    info = catalog.table((), None, None)
+    keys = {key: source_key(key) for key in records.columns}
+    planned: list[tuple[Key, FlatColumn, ColumnType]] = []
+    for key, column in records.columns.items():
+        found = info.columns.get(keys[key])
+        column_type = found[1] if found is not None else column.type
+        # A JSON column (from a depth cut) takes JSON text only: plain strings are variants.
+        if column_type is ColumnType.JSON or not _fits_as_is(
+            records.values[key], column_type, False, catalog.pg
+        ):
+            return None
+        planned.append((key, column, column_type))
+    for key, column, column_type in planned:
+        catalog.column(info, keys[key], column.name, column.type)
+        if info.columns[keys[key]][1] is not column_type:  # another process got there first
+            return None
+    cells = _Cells(records.count)
+    for key, _, _ in planned:
+        cells.set_column(info.columns[keys[key]][0], records.values[key])
+    rows = range(records.count)
+    _note_negative_zeros(catalog, info, cells)
+    return _insert(conn, info, cells, system, {"_row_index": rows, "_list_index": rows})
+
+
+#: The catalog key of `_originals` in tables of JSON rows: not a list of strings, so no
+#: JSON path can have it (a CSV header is one part, so CSV notes use ``["#row-note", name]``).
+JSON_ORIGINALS_KEY = json.dumps([["#row-note"], "_originals"])
+
+
+def _note_negative_zeros(catalog: Catalog, info: TableInfo, cells: _Cells) -> None:
+    """SQLite stores -0.0 as 0.0: keep the text of such a cell in ``_originals``, as CSV does.
+
+    Keyed by the column's catalogued source key; PostgreSQL keeps the sign itself.
+    """
+    if catalog.pg:
+        return
+    floats = {name: key for key, (name, kind) in info.columns.items() if kind is ColumnType.FLOAT}
+    kept: dict[int, dict[str, str]] = {}
+    for name, values in [*cells.columns.items(), *cells.whole.items()]:
+        key = floats.get(name)
+        if key is None or not isinstance(values, list) or 0.0 not in values:
+            continue
+        for row, value in enumerate(values):
+            if type(value) is float and value == 0 and math.copysign(1.0, value) < 0:
+                kept.setdefault(row, {})[key] = repr(value)
+    if kept:
+        name = catalog.column(info, JSON_ORIGINALS_KEY, "_originals", ROW_NOTES["_originals"])
+        for row, originals in kept.items():
+            cells.put(name, row, json.dumps(originals, ensure_ascii=False))
 
 
 def _place_json_cells(
@@ -282,69 +368,86 @@ def _has_nul(texts: Iterable[str | None]) -> bool:
 def _load_csv(
     conn: Connection, catalog: Catalog, text: str, system: Row, expected: list[str] | None
 ) -> int:
-    parsed = parse_csv(text, expected_columns=expected)
+    parsed = parse_csv_columns(text, expected_columns=expected)
     info = catalog.table((), None, None)
-    count = len(parsed.rows)
+    count = parsed.count
     if not count:
         return 0
     keys = [source_key([column.key]) for column in parsed.columns]
     # Two parts: a CSV header is always one, so a header named "_flag" keeps its own column.
     note_keys = {name: source_key(["#row-note", name]) for name in ROW_NOTES}
-    by_column: list[tuple[Any, ...]] = (
-        list(zip(*(row.values for row in parsed.rows), strict=True)) if parsed.columns else []
-    )
     cells = _Cells(count)
+    as_cells: dict[int, list[Cell]] = {}
 
-    def place_row(index: int, columns: list[int]) -> None:
+    def column_cells(i: int) -> list[Cell]:
+        found = as_cells.get(i)
+        if found is None:
+            found = as_cells[i] = parsed.cells(i)
+        return found
+
+    def place_row(index: int, columns: Sequence[int], first: list[Cell] | None = None) -> None:
         """Row ``index`` as the cell-by-cell path places it: the given columns, then notes."""
-        csv_row = parsed.rows[index]
         for i in columns:
-            column, value = parsed.columns[i], by_column[i][index]
+            column = parsed.columns[i]
+            value = first[i] if first is not None else column_cells(i)[index]
             cell_type = column.type if value is not None else None
             name, placed = _place(
                 catalog, info, keys[i], column.name, column.type, value, cell_type
             )
             cells.put(name, index, placed)
-        if (
-            csv_row.flag is None
-            and csv_row.raw is None
-            and not (csv_row.extra or csv_row.originals)
-        ):
+        note = parsed.notes.get(index)
+        if note is None:
             return
         notes = {
-            "_flag": csv_row.flag,
-            "_raw": csv_row.raw,
-            "_extra": json.dumps(list(csv_row.extra), ensure_ascii=False)
-            if csv_row.extra
-            else None,
-            "_originals": json.dumps(csv_row.originals, ensure_ascii=False)
-            if csv_row.originals
+            "_flag": note.flag,
+            "_raw": note.raw,
+            "_extra": json.dumps(list(note.extra), ensure_ascii=False) if note.extra else None,
+            "_originals": json.dumps(note.originals, ensure_ascii=False)
+            if note.originals
             else None,
         }
-        for name, note in notes.items():
-            if note is not None:
-                cells.put(catalog.column(info, note_keys[name], name, ROW_NOTES[name]), index, note)
+        for name, kept in notes.items():
+            if kept is not None:
+                cells.put(catalog.column(info, note_keys[name], name, ROW_NOTES[name]), index, kept)
 
     # The first row creates the columns in order; after it, a column whose type is the
     # catalogued one stores every value as it is (no variants, no lookups), and only the
     # other columns and the row notes go cell by cell, in the same order as before.
-    everything = list(range(len(parsed.columns)))
-    place_row(0, everything)
+    everything = range(len(parsed.columns))
+    place_row(0, everything, [_first_cell(parsed, i) for i in everything])
     remaining: list[int] = []
     for i, column in enumerate(parsed.columns):
         name, column_type = info.columns[keys[i]]
-        values = by_column[i]
+        values = parsed.values[i]
         if column_type is column.type and not (
-            column_type is ColumnType.TEXT and catalog.pg and _has_nul(values)
+            column_type is ColumnType.TEXT and catalog.pg and _has_nul_values(values)
         ):
-            # Row 0 stays as placed: a row note there may share the column (a header "_flag").
-            cells.set_column(name, values, start=1)
+            # Row 0 went to this same column (its value fits: same type), so the whole
+            # column can be set; a row note never shares it (notes have their own keys).
+            cells.set_column(name, values)
         else:
             remaining.append(i)
-    for index in range(1, count):
-        place_row(index, remaining)
-    system_cells = {"_row_index": list(range(count))}
+    rows: Iterable[int] = range(1, count) if remaining else sorted(parsed.notes)
+    for index in rows:
+        if index:
+            place_row(index, remaining)
+    system_cells: dict[str, Sequence[Any]] = {"_row_index": range(count)}
     return _insert(conn, info, cells, system, system_cells)
+
+
+def _first_cell(parsed: CsvColumns, i: int) -> Cell:
+    values = parsed.values[i]
+    if isinstance(values, list):
+        return values[0]
+    return to_cells(values.slice(0, 1), parsed.columns[i].type)[0]
+
+
+def _has_nul_values(values: ColumnValues) -> bool:
+    if isinstance(values, list):
+        return _has_nul(values)  # type: ignore[arg-type]  # a TEXT column: str or None
+    import pyarrow.compute as pc
+
+    return bool(pc.any(pc.match_substring(values, "\x00")).as_py())
 
 
 def _insert(
@@ -352,68 +455,464 @@ def _insert(
     info: TableInfo,
     cells: _Cells,
     system: Row,
-    system_cells: dict[str, list[Any]],
+    system_cells: Mapping[str, Sequence[Any]],
 ) -> int:
     """Insert a batch given column by column; the system values are the same on every row."""
-    insert_columns(conn, info.sqla_table(), cells.rows, {**cells.columns, **system_cells}, system)
+    everything = {**cells.columns, **cells.whole, **system_cells}
+    insert_columns(conn, info.sqla_table(), cells.rows, everything, system)
     return cells.rows
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
     """Insert ``rows`` (dicts; a missing key is NULL), as `insert_columns` does."""
     names = [c.name for c in table.columns]
-    columns = {name: [row.get(name) for row in rows] for name in names}
+    columns: dict[str, Values] = {name: [row.get(name) for row in rows] for name in names}
     insert_columns(conn, table, len(rows), columns, {})
+
+
+#: A column handed to `insert_columns`: one value per row, as a sequence or an Arrow array
+#: of the column's type (`csvparse.ColumnValues`).
+Values: TypeAlias = "Sequence[Any] | pa.Array[Any]"
+
+#: Rows per SQLite INSERT statement (one statement per row costs twice as much), within the
+#: 999 bound variables that SQLite builds before 3.32 allow.
+_ROWS_PER_INSERT = 50
+_SQLITE_MAX_VARIABLES = 999
 
 
 def insert_columns(
     conn: Connection,
     table: Table,
     count: int,
-    columns: Mapping[str, Sequence[Any]],
+    columns: Mapping[str, Values],
     constants: Mapping[str, Any],
 ) -> None:
     """Insert ``count`` rows given column by column: a list of values per column name,
     else one value for every row from ``constants``, else NULL.
 
-    PostgreSQL: ``COPY`` for big batches, else SQLAlchemy's ``executemany``.
-    SQLite: one driver ``executemany`` of tuples, each value first passed
-    through the column type's SQLAlchemy bind processor (a constant once), so
-    what is stored is exactly what SQLAlchemy would store (timestamps as its
-    naive UTC text, dates as ISO text, booleans as 0/1), without its per-row
-    overhead.
+    What is stored is exactly what a SQLAlchemy Core insert stores (tested).
+    SQLite: multi-row ``INSERT`` statements through the driver, each value
+    passed through the column type's bind processor (or an equivalent that
+    is cheaper for the common Python types), a constant once. PostgreSQL:
+    binary ``COPY`` for big batches (`_copy`), else SQLAlchemy's
+    ``executemany``. Columns that would be NULL on every row are left out.
     """
     if not count:
         return
-    names = [c.name for c in table.columns]
+    given = [c for c in table.columns if c.name in columns or constants.get(c.name) is not None]
+    if conn.dialect.name != "postgresql":
+        _insert_sqlite(conn, table, given, count, columns, constants)
+    elif count > COPY_THRESHOLD:
+        _copy(conn, table, given, count, columns, constants)
+    else:
+        names = [c.name for c in given]
+        rows = _python_rows(given, count, columns, constants)
+        conn.execute(table.insert(), [dict(zip(names, row, strict=True)) for row in rows])
+
+
+def _python_rows(
+    given: list[Column[Any]],
+    count: int,
+    columns: Mapping[str, Values],
+    constants: Mapping[str, Any],
+) -> Iterator[tuple[Any, ...]]:
+    """The rows as tuples of Python values, in the order of ``given``."""
+    ordered = [
+        _python(columns[c.name])
+        if c.name in columns
+        else itertools.repeat(constants[c.name], count)
+        for c in given
+    ]
+    return zip(*ordered, strict=True)
+
+
+def _python(values: Values) -> Sequence[Any]:
+    """A column as Python values (Arrow arrays as `csvparse.to_cells` gives them)."""
+    if isinstance(values, Sequence):
+        return values
+    import pyarrow as pa
+
+    if pa.types.is_timestamp(values.type):
+        return to_cells(values, ColumnType.TIMESTAMP)
+    converted: list[Any] = values.to_pylist()
+    return converted
+
+
+def _insert_sqlite(
+    conn: Connection,
+    table: Table,
+    given: list[Column[Any]],
+    count: int,
+    columns: Mapping[str, Values],
+    constants: Mapping[str, Any],
+) -> None:
     dialect = conn.dialect
-    sqlite = dialect.name != "postgresql"
     ordered: list[Iterable[Any]] = []
-    for column in table.columns:
-        process = column.type.dialect_impl(dialect).bind_processor(dialect) if sqlite else None
+    for column in given:
+        process = column.type.dialect_impl(dialect).bind_processor(dialect)
         values = columns.get(column.name)
         if values is None:
-            value = constants.get(column.name)
-            if process is not None and value is not None:
-                value = process(value)
-            ordered.append(itertools.repeat(value, count))
+            value = constants[column.name]
+            ordered.append(itertools.repeat(process(value) if process else value, count))
         else:
-            ordered.append(map(process, values) if process is not None else values)
-    rows = list(zip(*ordered, strict=True))
-    if sqlite:
-        quote = dialect.identifier_preparer.quote
-        insert = "INSERT INTO {} ({}) VALUES ({})".format(
-            quote(table.name), ", ".join(map(quote, names)), ", ".join("?" * len(names))
+            ordered.append(_sqlite_values(values, column.type, process))
+    width = len(given)
+    per = max(1, min(_ROWS_PER_INSERT, _SQLITE_MAX_VARIABLES // width))
+    flat = list(itertools.chain.from_iterable(zip(*ordered, strict=True)))
+    quote = dialect.identifier_preparer.quote
+    head = "INSERT INTO {} ({}) VALUES ".format(
+        quote(table.name), ", ".join(quote(c.name) for c in given)
+    )
+    row = "(" + ", ".join("?" * width) + ")"
+    step = per * width
+    whole = count // per * step
+    if whole:
+        statement = head + ", ".join([row] * per)
+        conn.exec_driver_sql(statement, [tuple(flat[i : i + step]) for i in range(0, whole, step)])
+    if whole < len(flat):
+        statement = head + ", ".join([row] * ((len(flat) - whole) // width))
+        conn.exec_driver_sql(statement, tuple(flat[whole:]))
+
+
+def _sqlite_values(
+    values: Values, sql_type: TypeEngine[Any], process: Callable[[Any], Any] | None
+) -> Iterable[Any]:
+    """What SQLite stores for a column: what ``process`` (SQLAlchemy's) gives, cheaper."""
+    if not isinstance(values, Sequence):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        if values.type == pa.timestamp("us", tz="UTC"):
+            # SQLAlchemy's text: the UTC wall time with microseconds, which is how Arrow
+            # writes the same instants as naive times.
+            naive = values.view(pa.timestamp("us"))
+            stamps: list[Any] = pc.cast(naive, pa.string()).to_pylist()
+            return stamps
+        if pa.types.is_date32(values.type):  # ISO text, as SQLAlchemy writes dates
+            dates: list[Any] = pc.cast(values, pa.string()).to_pylist()
+            return dates
+        values = _python(values)  # numbers, booleans, text: what Python gives them
+    if process is None:
+        return values
+    if isinstance(sql_type, DateTime):
+        return [
+            v.isoformat(" ", "microseconds")[:26] if type(v) is dt.datetime else process(v)
+            for v in values
+        ]
+    if isinstance(sql_type, Date):
+        return [v.isoformat() if type(v) is dt.date else process(v) for v in values]
+    if isinstance(sql_type, Boolean) and set(map(type, values)) <= {bool, type(None)}:
+        return values  # the driver binds a bool as the integer SQLAlchemy would give
+    return map(process, values)
+
+
+# --------------------------------------------------------------------------- PostgreSQL COPY
+
+#: PostgreSQL's name for each result column type (`schema.SQL_TYPES`), for binary COPY.
+_PG_TYPES: dict[type[TypeEngine[Any]], str] = {
+    BigInteger: "int8",
+    Integer: "int4",
+    Float: "float8",
+    Boolean: "bool",
+    Date: "date",
+    DateTime: "timestamptz",
+    Text: "text",
+}
+
+
+def _copy(
+    conn: Connection,
+    table: Table,
+    given: list[Column[Any]],
+    count: int,
+    columns: Mapping[str, Values],
+    constants: Mapping[str, Any],
+) -> None:
+    """``COPY ... (FORMAT BINARY)``: from Arrow arrays in one buffer (`_binary_copy`) when
+    every column allows, else row by row through psycopg's binary dumpers; text COPY for a
+    naive datetime (PostgreSQL reads those in the session's time zone, as an insert does)."""
+    given = sorted(given, key=lambda c: c.name in columns)  # the constants first
+    pg_types = [_PG_TYPES[type(c.type)] for c in given]
+    if "timestamptz" in pg_types and _has_naive_datetime(given, columns, constants):
+        _copy_text(conn, table, given, count, columns, constants)
+        return
+    statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        pgsql.Identifier(table.name),
+        pgsql.SQL(", ").join(pgsql.Identifier(c.name) for c in given),
+    )
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    payload = _binary_copy(given, pg_types, count, columns, constants)
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        if payload is not None:
+            for part in payload:
+                copy.write(part)
+            return
+        copy.set_types(pg_types)
+        for row in _python_rows(given, count, columns, constants):
+            copy.write_row(row)
+
+
+def _has_naive_datetime(
+    given: list[Column[Any]], columns: Mapping[str, Values], constants: Mapping[str, Any]
+) -> bool:
+    for column in given:
+        if not isinstance(column.type, DateTime):
+            continue
+        values = columns.get(column.name)
+        if values is None:
+            values = [constants[column.name]]
+        if isinstance(values, Sequence) and any(
+            isinstance(v, dt.datetime) and v.tzinfo is None for v in values
+        ):
+            return True
+    return False
+
+
+def _copy_text(
+    conn: Connection,
+    table: Table,
+    given: list[Column[Any]],
+    count: int,
+    columns: Mapping[str, Values],
+    constants: Mapping[str, Any],
+) -> None:
+    statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
+        pgsql.Identifier(table.name),
+        pgsql.SQL(", ").join(pgsql.Identifier(c.name) for c in given),
+    )
+    driver = conn.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor, cursor.copy(statement) as copy:
+        for row in _python_rows(given, count, columns, constants):
+            copy.write_row(row)
+
+
+_COPY_SIGNATURE = b"PGCOPY\n\xff\r\n\x00" + bytes(8)  # signature, flags, no header extension
+_COPY_TRAILER = b"\xff\xff"
+_NULL_FIELD = b"\xff\xff\xff\xff"
+_PG_EPOCH_DAYS = 10_957  # PostgreSQL counts dates and times from 2000-01-01
+_PG_EPOCH = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+#: Per binary type: the `array` typecode of its Arrow values and its byte width.
+_FIXED: dict[str, tuple[str, int]] = {
+    "int8": ("q", 8),
+    "int4": ("i", 4),
+    "float8": ("d", 8),
+    "date": ("i", 4),
+    "timestamptz": ("q", 8),
+    "bool": ("B", 1),
+}
+
+
+def _binary_copy(
+    given: list[Column[Any]],
+    pg_types: list[str],
+    count: int,
+    columns: Mapping[str, Values],
+    constants: Mapping[str, Any],
+) -> list[bytes | memoryview] | None:
+    """The whole binary COPY stream, built a column at a time in Arrow: no Python per row.
+
+    Each column becomes one array of encoded fields (length, then big-endian
+    value; -1 for NULL) and the fields are joined row by row. The constants,
+    which come first in ``given``, are encoded once into the prefix every row
+    shares. None unless some column is an Arrow array (the CSV parser's) and
+    every other one is an Arrow array of its type, a ``range``, or a list of
+    text, numbers or booleans (row notes, variants).
+    """
+    if all(isinstance(columns.get(c.name), Sequence | None) for c in given):
+        return None  # Python values only (JSON rows): psycopg's C dumpers are quicker
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    prefix = struct.pack(">h", len(given))
+    fields: list[Any] = []
+    try:
+        for column, pg_type in zip(given, pg_types, strict=True):
+            values = columns.get(column.name)
+            if values is None:
+                constant = _binary_field(constants[column.name], pg_type)
+                if constant is None or fields:
+                    return None
+                prefix += constant
+                continue
+            encoded = _binary_fields(values, pg_type)
+            if encoded is None or len(encoded) != count:
+                return None
+            fields.append(encoded)
+        if not fields:
+            return None
+        rows: Any = pc.binary_join_element_wise(
+            _binary_scalar(prefix), *fields, _binary_scalar(b"")
         )
-        conn.exec_driver_sql(insert, rows)
-    elif count > COPY_THRESHOLD:
-        statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
-            pgsql.Identifier(table.name), pgsql.SQL(", ").join(map(pgsql.Identifier, names))
-        )
-        driver = conn.connection.driver_connection
-        assert driver is not None
-        with driver.cursor() as cursor, cursor.copy(statement) as copy:
-            for row in rows:
-                copy.write_row(row)
+    except pa.ArrowException:  # more than 2 GiB, say: psycopg's dumpers do it row by row
+        return None
+    offsets = _integers(rows.buffers()[1], "i", rows.offset, len(rows) + 1)
+    data = memoryview(rows.buffers()[2])[offsets[0] : offsets[-1]]
+    return [_COPY_SIGNATURE, data, _COPY_TRAILER]
+
+
+def _binary_field(value: Any, pg_type: str) -> bytes | None:
+    """One value in binary COPY form, or None for a Python type not handled here."""
+    kind = type(value)
+    if pg_type == "text" and kind is str:
+        data: bytes = value.encode()
+    elif pg_type in ("int8", "int4") and kind is int:
+        data = struct.pack(">q" if pg_type == "int8" else ">i", value)
+    elif pg_type == "float8" and kind in (float, int):
+        data = struct.pack(">d", value)
+    elif pg_type == "bool" and kind is bool:
+        data = b"\x01" if value else b"\x00"
+    elif pg_type == "date" and kind is dt.date:
+        data = struct.pack(">i", (value - _PG_EPOCH.date()).days)
+    elif pg_type == "timestamptz" and kind is dt.datetime and value.tzinfo is not None:
+        data = struct.pack(">q", (value - _PG_EPOCH) // dt.timedelta(microseconds=1))
     else:
-        conn.execute(table.insert(), [dict(zip(names, row, strict=True)) for row in rows])
+        return None
+    return struct.pack(">i", len(data)) + data
+
+
+def _binary_fields(values: Values, pg_type: str) -> Any:
+    """A column's values as encoded binary COPY fields, one per row; None if not handled."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if isinstance(values, range):
+        if pg_type not in ("int4", "int8") or (values and max(values[0], values[-1]) >= 2**31):
+            return None
+        code, width = _FIXED[pg_type]
+        indexes = array.array(code, values)
+        if sys.byteorder == "little":
+            indexes.byteswap()
+        return _fixed_fields(indexes.tobytes(), width, len(values), None)
+    if isinstance(values, Sequence):
+        return _text_fields(values) if pg_type == "text" else _number_fields(values, pg_type)
+    arrow: Any = values
+    kind = arrow.type
+    valid = arrow.is_valid() if arrow.null_count else None
+    if pg_type == "text" and kind in (pa.string(), pa.large_string()):
+        text = arrow.cast(pa.string()) if kind == pa.large_string() else arrow
+        lengths = pc.cast(pc.binary_length(text), pa.int32())
+        heads = _fixed_fields(_swapped(lengths, "i"), 4, len(text), None, prefix=False)
+        fields = pc.binary_join_element_wise(heads, text.view(pa.binary()), _binary_scalar(b""))
+        return fields if valid is None else pc.if_else(valid, fields, _binary_scalar(_NULL_FIELD))
+    expected = {
+        "int8": pa.int64(),
+        "float8": pa.float64(),
+        "bool": pa.bool_(),
+        "date": pa.date32(),
+        "timestamptz": pa.timestamp("us", tz="UTC"),
+    }.get(pg_type)
+    if expected is None or kind != expected:
+        return None
+    code, width = _FIXED[pg_type]
+    numbers: Any = arrow
+    if pg_type == "bool":
+        numbers = pc.cast(arrow, pa.uint8())
+    elif pg_type == "date":
+        numbers = pc.subtract(arrow.view(pa.int32()), _int_scalar(_PG_EPOCH_DAYS, pa.int32()))
+    elif pg_type == "timestamptz":
+        epoch = (_PG_EPOCH - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)) // dt.timedelta(microseconds=1)
+        numbers = pc.subtract(arrow.view(pa.int64()), _int_scalar(epoch, pa.int64()))
+    return _fixed_fields(_swapped(numbers, code), width, len(arrow), valid)
+
+
+def _text_fields(values: Sequence[Any]) -> Any:
+    """Encoded fields of a list of text (row notes, mostly NULL); None if not all str/None."""
+    import pyarrow as pa
+
+    fields: list[bytes] = []
+    for value in values:
+        if value is None:
+            fields.append(_NULL_FIELD)
+        elif type(value) is str:
+            data = value.encode()
+            fields.append(struct.pack(">i", len(data)) + data)
+        else:
+            return None
+    try:
+        offsets = array.array("i", itertools.accumulate(map(len, fields), initial=0))
+    except OverflowError:  # past 2 GiB: row by row instead
+        return None
+    buffers = [None, pa.py_buffer(offsets.tobytes()), pa.py_buffer(b"".join(fields))]
+    return pa.Array.from_buffers(pa.binary(), len(fields), buffers)
+
+
+#: Per binary type, the Python types a list's values may have to be encoded by `array`.
+_NUMBER_KINDS: dict[str, frozenset[type]] = {
+    "int8": frozenset({int, type(None)}),
+    "int4": frozenset({int, type(None)}),
+    "float8": frozenset({float, int, type(None)}),  # ints in a float column fit exactly
+    "bool": frozenset({bool, type(None)}),
+}
+
+
+def _number_fields(values: Sequence[Any], pg_type: str) -> Any:
+    """Encoded fields of a list of numbers or booleans; None for other types."""
+    import pyarrow as pa
+
+    allowed = _NUMBER_KINDS.get(pg_type)
+    kinds = set(map(type, values))
+    if allowed is None or not kinds <= allowed:
+        return None
+    valid = None
+    if type(None) in kinds:
+        mask = pa.py_buffer(bytes(value is not None for value in values))
+        valid = pa.Array.from_buffers(pa.uint8(), len(values), [None, mask]).cast(pa.bool_())
+        values = [0 if value is None else value for value in values]
+    code, width = _FIXED[pg_type]
+    try:
+        numbers = array.array(code, values)
+    except OverflowError:  # not an int4: PostgreSQL would refuse it too, and say so
+        return None
+    if sys.byteorder == "little" and numbers.itemsize > 1:
+        numbers.byteswap()
+    return _fixed_fields(numbers.tobytes(), width, len(values), valid)
+
+
+def _swapped(numbers: Any, code: str) -> bytes:
+    """The values buffer of a fixed-width Arrow array, big-endian (nulls: whatever is there)."""
+    out = _integers(numbers.buffers()[1], code, numbers.offset, len(numbers))
+    if sys.byteorder == "little" and out.itemsize > 1:
+        out.byteswap()
+    return out.tobytes()
+
+
+def _integers(buffer: Any, code: str, offset: int, count: int) -> array.array[Any]:
+    """``count`` values of ``array`` typecode ``code`` from an Arrow buffer, from ``offset``."""
+    out = array.array(code)
+    size = out.itemsize
+    out.frombytes(memoryview(buffer)[offset * size : (offset + count) * size])
+    return out
+
+
+def _fixed_fields(data: bytes, width: int, count: int, valid: Any, *, prefix: bool = True) -> Any:
+    """Binary fields from ``count`` big-endian values of ``width`` bytes (NULL where not valid)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    fixed: Any = pa.Array.from_buffers(pa.binary(width), count, [None, pa.py_buffer(data)])
+    values = fixed.cast(pa.binary())
+    if not prefix:
+        return values
+    fields = pc.binary_join_element_wise(
+        _binary_scalar(struct.pack(">i", width)), values, _binary_scalar(b"")
+    )
+    return fields if valid is None else pc.if_else(valid, fields, _binary_scalar(_NULL_FIELD))
+
+
+def _binary_scalar(data: bytes) -> pa.Scalar[Any]:
+    """An Arrow binary scalar (``pa.scalar`` would import pandas)."""
+    import pyarrow as pa
+
+    offsets = pa.py_buffer(struct.pack("<ii", 0, len(data)))
+    return pa.Array.from_buffers(pa.binary(), 1, [None, offsets, pa.py_buffer(data)])[0]
+
+
+def _int_scalar(value: int, kind: pa.DataType) -> pa.Scalar[Any]:
+    """An Arrow integer scalar (``pa.scalar`` would import pandas)."""
+    import pyarrow as pa
+
+    code = "q" if kind == pa.int64() else "i"
+    data = array.array(code, [value]).tobytes()
+    return pa.Array.from_buffers(kind, 1, [None, pa.py_buffer(data)])[0]

@@ -48,12 +48,14 @@ Shape rules (nothing is dropped, truncated or coerced):
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import operator
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from json.encoder import encode_basestring
-from typing import TypeAlias
+from typing import Any, TypeAlias, cast
 
 from receiver.columns import INT64_MAX, INT64_MIN, Cell, ColumnType, JsonValue, sanitise_identifier
 
@@ -139,6 +141,76 @@ def flatten(document: JsonValue, *, max_depth: int = 5) -> list[FlatTable]:
     if max_depth < 1:
         raise ValueError("max_depth must be at least 1")
     return _Flattener(max_depth).run(document)
+
+
+@dataclass(frozen=True)
+class FlatRecords:
+    """The root table `flatten` makes of a top-level array of flat objects, by column.
+
+    Each item is one row (``index`` and ``list_index`` both its position,
+    no parent); ``values`` holds every column's cells in row order, without
+    a `FlatRow` per item.
+    """
+
+    columns: dict[Key, FlatColumn]
+    values: dict[Key, list[Cell]]
+    count: int
+
+
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+
+
+def flat_records(document: JsonValue) -> FlatRecords | None:
+    """`flatten`'s root table for a non-empty array of objects with the same keys and only
+    scalar values that are cells as they are (int64 integers, finite floats); else None.
+
+    The common shape of a big ``structured_json`` output, typed a column at a
+    time instead of a cell at a time (tested against `flatten`).
+    """
+    if not isinstance(document, list) or not document or type(document[0]) is not dict:
+        return None
+    first = document[0]
+    # Objects only, each with as many keys as the first and (below) all of the first's keys.
+    if set(map(type, document)) != {dict} or set(map(len, document)) != {len(first)}:  # type: ignore[arg-type]
+        return None
+    items = cast(list[dict[str, JsonValue]], document)
+    columns: dict[Key, FlatColumn] = {}
+    values: dict[Key, list[Cell]] = {}
+    for name in first:  # every item has the same keys: first-seen order is the first's
+        try:
+            column = list(map(operator.itemgetter(name), items))
+        except KeyError:
+            return None
+        kinds = set(map(type, column))
+        if not kinds <= _SCALARS or not _cells_as_they_are(column, kinds):
+            return None
+        column_type = value_type(next(filter(_not_none, column), None))
+        if column_type is None:  # only nulls: flatten leaves the column out (type unknown)
+            continue
+        key = (name,)
+        columns[key] = FlatColumn(key=key, name=column_name(key), type=column_type)
+        values[key] = cast(list[Cell], column)  # scalars only, checked above
+    return FlatRecords(columns, values, len(document))
+
+
+_not_none = functools.partial(operator.is_not, None)
+
+
+def _cells_as_they_are(column: list[JsonValue], kinds: set[type]) -> bool:
+    """Whether no scalar of ``column`` needs converting: ints within int64, finite floats."""
+    numbers = kinds & {int, float}
+    if not numbers:
+        return True
+    if kinds - {int, float, bool, type(None)}:  # text among the numbers: look at each
+        picked = [v for v in column if type(v) in numbers]
+    else:
+        picked = list(filter(_not_none, column)) if type(None) in kinds else column
+    if float in kinds and not all(map(math.isfinite, picked)):  # type: ignore[arg-type]
+        return False
+    if int in kinds:
+        ints: list[Any] = picked if float not in kinds else [v for v in picked if type(v) is int]
+        return bool(min(ints) >= INT64_MIN and max(ints) <= INT64_MAX)
+    return True
 
 
 # --------------------------------------------------------------------------- internals

@@ -6,22 +6,35 @@ import csv
 import datetime as dt
 import io
 import json
+import math
 import re
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from receiver.columns import MAX_IDENTIFIER, ColumnType
 from receiver.csvparse import (
+    _RE2_CANONICAL_FLOAT,
+    _RE2_REGULAR_TEXT,
+    _REGULAR_TEXT,
+    ARROW_MIN_CHARS,
     CsvRow,
     CsvTable,
+    _arrow_typed,
+    _convert_column,
     _infer_per_cell,
+    _parse_arrow,
+    _typed_column,
     infer_column_type,
     looks_like_csv,
     parse_csv,
+    parse_csv_columns,
     render_cell,
+    to_cells,
 )
 
 CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
@@ -474,15 +487,17 @@ CSV_CHARS = st.sampled_from(
 
 
 def assert_same_table(text: str, expected_columns: list[str] | None = None) -> None:
-    fast = parse_csv(text, expected_columns)
+    """The stdlib fast path and the Arrow path both give the careful path's table."""
     careful = parse_csv(text, expected_columns, careful=True)
-    assert fast == careful
-    # Equal is not enough for cells: 1 == 1.0 == True, and -0.0 == 0.0.
-    for fast_row, careful_row in zip(fast.rows, careful.rows, strict=True):
-        assert [(type(v), repr(v)) for v in fast_row.values] == [
-            (type(v), repr(v)) for v in careful_row.values
-        ]
-        assert list(fast_row.originals.items()) == list(careful_row.originals.items())
+    for arrow in (False, True):
+        fast = parse_csv_columns(text, expected_columns, arrow=arrow).table()
+        assert fast == careful
+        # Equal is not enough for cells: 1 == 1.0 == True, and -0.0 == 0.0.
+        for fast_row, careful_row in zip(fast.rows, careful.rows, strict=True):
+            assert [(type(v), repr(v)) for v in fast_row.values] == [
+                (type(v), repr(v)) for v in careful_row.values
+            ]
+            assert list(fast_row.originals.items()) == list(careful_row.originals.items())
 
 
 @settings(max_examples=500, deadline=None)
@@ -509,6 +524,8 @@ def test_fast_path_equals_careful_path_on_written_tables(
 ) -> None:
     text = write_csv(table_rows)
     assert_same_table(text)
+    # What csv.writer writes is regular and one width: the Arrow path takes it, not the stdlib.
+    assert _parse_arrow(text, None) is not None
     # Break it somewhere: a stray quote, comma or line break in a random place.
     at = data.draw(st.integers(min_value=0, max_value=len(text)))
     stray = data.draw(st.sampled_from(['"', ",", "\n", "\r", '"x', '""']))
@@ -526,3 +543,94 @@ def test_fast_path_checks_raw_text_where_the_grammar_fails() -> None:
     fast = parse_csv(text)
     assert fast == parse_csv(text, careful=True)
     assert [row.flag for row in fast.rows] == ["irregular quoting", None, None]
+
+
+# --- the Arrow path: each piece equals the stdlib piece it stands in for -----------------
+
+#: Per column type, texts around every rule of inference and conversion.
+_DIGITS = st.from_regex(r"[-+]?[0-9]{1,21}", fullmatch=True)
+_DECIMALS = st.from_regex(r"[-+]?[0-9]{0,18}\.?[0-9]{0,18}(?:[eE][-+]?[0-9]{1,3})?", fullmatch=True)
+_DATES = st.from_regex(r"[0-9]{4}-[0-1][0-9]-[0-3][0-9]", fullmatch=True)
+_STAMPS = st.from_regex(
+    r"[0-9]{4}-[0-1][0-9]-[0-3][0-9][T ][0-2][0-9]:[0-6][0-9](?::[0-6][0-9](?:\.[0-9]{1,8})?)?"
+    r"(?:Z|[+-][0-2][0-9](?::?[0-5][0-9])?)?",
+    fullmatch=True,
+)
+_FAMILIES = [
+    st.one_of(_DIGITS, st.sampled_from(["0", "-0", "+0", str(2**63 - 1), str(2**63), "007"])),
+    st.one_of(
+        _DIGITS,
+        _DECIMALS,
+        st.floats(allow_nan=False, allow_infinity=False).map(repr),
+        st.sampled_from(["1e400", "-1e400", "1e-400", "0.0001", "0.00001", "-0.0", "1.50"]),
+        st.sampled_from(["123456789012345.6", "1234567890123456.7", "0.1", ".5", "5.", "1e3"]),
+    ),
+    st.sampled_from(["true", "false", "TRUE", "False", "tRuE", "yes", "1", "t"]),
+    st.one_of(_DATES, st.dates().map(str), st.sampled_from(["0000-01-01", "2024-02-29"])),
+    st.one_of(
+        _STAMPS,
+        st.datetimes().map(lambda d: d.isoformat() + "Z"),
+        st.datetimes(timezones=st.just(dt.UTC)).map(lambda d: d.isoformat()),
+        st.sampled_from(["0000-01-01T00:00:00Z", "2024-01-15T10:30:00.5Z", "2024-01-15T24:00Z"]),
+    ),
+]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from(_FAMILIES).flatmap(
+        lambda family: st.lists(st.one_of(family, st.just("")), min_size=1, max_size=6)
+    )
+)
+def test_arrow_typing_equals_stdlib_typing(texts: list[str]) -> None:
+    expected_type, parsed = _typed_column(texts)
+    expected, lossy = _convert_column(texts, expected_type, parsed)
+    column_type, values, got_lossy, got_texts = _arrow_typed(pa.array(texts, pa.string()))
+    assert column_type is expected_type
+    got = to_cells(values, column_type)
+    assert [(type(v), repr(v)) for v in got] == [(type(v), repr(v)) for v in expected]
+    assert got_lossy == lossy
+    assert got_texts == [texts[row] for row in lossy]
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(CSV_CHARS, max_size=80).map("".join))
+def test_arrow_grammar_equals_stdlib_grammar(text: str) -> None:
+    """The RE2 spelling accepts exactly the texts the possessive pattern accepts."""
+    matched = pc.match_substring_regex(pa.array([text], pa.string()), _RE2_REGULAR_TEXT)
+    assert matched[0].as_py() is (_REGULAR_TEXT.fullmatch(text) is not None)
+
+
+@settings(max_examples=2000, deadline=None)
+@given(st.one_of(st.floats(allow_nan=False, allow_infinity=False).map(repr), _DECIMALS))
+def test_canonical_float_text_is_what_repr_gives(text: str) -> None:
+    """Text the Arrow path does not check cell by cell must be exactly repr's."""
+    if re.fullmatch(_RE2_CANONICAL_FLOAT.strip("^$"), text) and len(text) <= 16:
+        value = float(text)
+        assert repr(value) == text
+        assert value != 0 or math.copysign(1.0, value) > 0  # never -0.0: its sign is kept
+
+
+def test_no_other_character_lowercases_into_a_boolean() -> None:
+    """The ASCII boolean pattern is `str.lower() in {"true", "false"}` only if no other
+    character lowercases to letters of those words."""
+    letters = set("truefals")
+    found = [c for c in range(128, 0x110000) if set(chr(c).lower()) <= letters]
+    assert found == []
+
+
+def test_arrow_path_falls_back_where_it_may_differ() -> None:
+    ragged = "a,b\n1,2\n3\n"
+    assert _parse_arrow(ragged, None) is None
+    assert _parse_arrow('a,b\n"x"y,1\n', None) is None  # irregular quoting
+    assert _parse_arrow("a,b\n\ud800,1\n", None) is None  # cannot be UTF-8
+    assert _parse_arrow("a,b\n1,2\n", ["a"]) is None  # another width than the registered one
+    assert parse_csv_columns(ragged, arrow=True).table() == parse_csv(ragged, careful=True)
+
+
+def test_big_texts_take_the_arrow_path() -> None:
+    text = write_csv([["n", "x"], *[[str(n), f"{n / 7!r}"] for n in range(20_000)]])
+    assert len(text) >= ARROW_MIN_CHARS
+    parsed = parse_csv_columns(text)
+    assert not isinstance(parsed.values[0], list)
+    assert parsed.table() == parse_csv(text, careful=True)

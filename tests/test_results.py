@@ -7,9 +7,11 @@ import datetime as dt
 import io
 import itertools
 import json
+import math
 from dataclasses import replace
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from hypothesis import HealthCheck, assume, given
 from hypothesis import settings as hsettings
@@ -359,44 +361,78 @@ BULK_VALUES: list[dict[str, Any]] = [
 ]
 
 
+BULK_TYPES = {
+    "i": ColumnType.INTEGER,
+    "f": ColumnType.FLOAT,
+    "b": ColumnType.BOOLEAN,
+    "d": ColumnType.DATE,
+    "t": ColumnType.TIMESTAMP,
+    "s": ColumnType.TEXT,
+    "j": ColumnType.JSON,
+}
+#: The Arrow type the CSV parser gives each column type.
+ARROW_TYPES = {
+    "i": pa.int64(),
+    "f": pa.float64(),
+    "b": pa.bool_(),
+    "d": pa.date32(),
+    "t": pa.timestamp("us", tz="UTC"),
+    "s": pa.string(),
+    "j": pa.string(),
+}
+RECEIVED = [
+    # Naive UTC, as SQLite gives it back (PostgreSQL reads it in the session's zone).
+    pytest.param(dt.datetime(2026, 1, 2, 3, 4, 5, 6), id="naive"),  # noqa: DTZ001
+    pytest.param(dt.datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=dt.UTC), id="aware"),
+]
+
+
+def stored_exactly(conn: Any, table: Any) -> list[tuple[Any, ...]]:
+    names = [c.name for c in table.columns]
+    if conn.dialect.name == "sqlite":
+        # typeof() and quote() show the storage class and the exact stored text.
+        listed = ", ".join(f"typeof({n}), quote({n})" for n in names)
+    else:
+        listed = ", ".join(f"{n}::text" for n in names)
+    return [
+        tuple(r)
+        for r in conn.exec_driver_sql(f"SELECT {listed} FROM {table.name} ORDER BY _row_index")
+    ]
+
+
+@pytest.mark.parametrize("received", RECEIVED)
+@pytest.mark.parametrize("arrow", [pytest.param(False, id="lists"), pytest.param(True, id="arrow")])
 @pytest.mark.parametrize("count", [pytest.param(3, id="few"), pytest.param(1200, id="many")])
-def test_bulk_insert_stores_what_sqlalchemy_stores(engine: Engine, count: int) -> None:
-    """`insert_columns` bypasses SQLAlchemy's per-row processing (and uses COPY on PostgreSQL
-    for many rows): every type must still be stored exactly as a Core insert stores it."""
-    types = {
-        "i": ColumnType.INTEGER,
-        "f": ColumnType.FLOAT,
-        "b": ColumnType.BOOLEAN,
-        "d": ColumnType.DATE,
-        "t": ColumnType.TIMESTAMP,
-        "s": ColumnType.TEXT,
-        "j": ColumnType.JSON,
-    }
-    received = dt.datetime(2026, 1, 2, 3, 4, 5, 6)  # noqa: DTZ001 - naive UTC, as SQLite gives it
+def test_bulk_insert_stores_what_sqlalchemy_stores(
+    engine: Engine, count: int, arrow: bool, received: dt.datetime
+) -> None:
+    """`insert_columns` bypasses SQLAlchemy's per-row processing (multi-row inserts on SQLite,
+    binary COPY on PostgreSQL for many rows, Arrow arrays as the CSV parser gives them):
+    every type must still be stored exactly as a Core insert stores it."""
     rows = [BULK_VALUES[n % len(BULK_VALUES)] | {"_row_index": n} for n in range(count)]
+    if arrow:  # the parser's timestamps are UTC instants
+        rows = [r | {"t": r["t"] and r["t"].astimezone(dt.UTC)} for r in rows]
     stored: dict[str, list[tuple[Any, ...]]] = {}
     with engine.begin() as conn:
         for mode in ("core", "bulk"):
-            table = result_table(f"results__bulk_{mode}", tuple(types.items()))
+            table = result_table(f"results__bulk_{mode}", tuple(BULK_TYPES.items()))
             table.create(conn)
             system = {"_delivery_id": "d", "_session_id": None, "_received_at": received}
             if mode == "core":
                 conn.execute(table.insert(), [system | row for row in rows])
             else:
-                columns = {name: [row[name] for row in rows] for name in [*types, "_row_index"]}
+                columns: dict[str, Any] = {
+                    name: [row[name] for row in rows] for name in [*BULK_TYPES, "_row_index"]
+                }
+                if arrow:
+                    columns = {
+                        n: pa.array(v, ARROW_TYPES[n])
+                        for n, v in columns.items()
+                        if n in ARROW_TYPES
+                    }
+                    columns["_row_index"] = range(count)
                 results.insert_columns(conn, table, count, columns, system)
-            names = [c.name for c in table.columns]
-            if engine.dialect.name == "sqlite":
-                # typeof() and quote() show the storage class and the exact stored text.
-                listed = ", ".join(f"typeof({n}), quote({n})" for n in names)
-            else:
-                listed = ", ".join(f"{n}::text" for n in names)
-            stored[mode] = [
-                tuple(r)
-                for r in conn.exec_driver_sql(
-                    f"SELECT {listed} FROM {table.name} ORDER BY _row_index"
-                )
-            ]
+            stored[mode] = stored_exactly(conn, table)
     assert stored["bulk"] == stored["core"]
     assert len(stored["bulk"]) == count
 
@@ -417,3 +453,36 @@ def test_a_header_named_like_a_row_note_keeps_its_own_column(
     assert rows[0]["_flag"] is None
     assert rows[1]["_flag"] is not None
     assert rows[1]["_flag"].startswith("ragged")
+
+
+@pytest.mark.parametrize(
+    "variant", [pytest.param(False, id="records"), pytest.param(True, id="cells")]
+)
+@pytest.mark.parametrize("items", [pytest.param(2, id="few"), pytest.param(1500, id="many")])
+def test_json_negative_zero_keeps_its_sign(
+    client: TestClient, engine: Engine, items: int, variant: bool
+) -> None:
+    """-0.0 reads back with its sign: PostgreSQL keeps it, SQLite stores 0.0 and `_originals`
+    keeps the text (keyed by the column's source key), as a CSV cell's would be."""
+    doc: list[dict[str, Any]] = [
+        {"v": -0.0 if i % 2 == 0 else 0.0, "n": {"w": -0.0}, "s": "x"} for i in range(items)
+    ]
+    if variant:  # a text variant: the column is placed cell by cell, the notes still line up
+        doc.append({"v": "text", "n": {"w": 1.0}, "s": "x"})
+    row = deliver(client, engine, fresh_hook("zero"), json.dumps(doc).encode())
+    assert row.status == "processed", row.reason
+    [table] = hook_tables(engine, row.hook).values()
+    got = raw_rows(engine, table)
+    if variant:
+        assert got.pop()["v__v_text"] == "text"
+    assert len(got) == items
+    for i, stored in enumerate(got):
+        notes = json.loads(stored["_originals"]) if stored.get("_originals") else {}
+        for name, key, negative in (("v", '["v"]', i % 2 == 0), ("n__w", '["n", "w"]', True)):
+            value = stored[name]
+            assert value == 0
+            if engine.dialect.name == "postgresql":
+                assert math.copysign(1.0, value) == (-1.0 if negative else 1.0)
+                assert "_originals" not in stored
+            else:
+                assert notes.get(key) == ("-0.0" if negative else None)

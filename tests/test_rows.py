@@ -18,6 +18,7 @@ from receiver.rows import (
     Key,
     _dumps_iterative,
     dumps,
+    flat_records,
     flatten,
     value_type,
 )
@@ -547,3 +548,64 @@ def test_flat_row_defaults() -> None:
     row = FlatRow(0, None, None, {("a",): 1})
     assert row.json_keys == set()
     assert row.cell_type(("a",)) is ColumnType.INTEGER
+
+
+# --------------------------------------------------------------------------- flat records
+
+RECORD_SCALARS = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(min_value=-(2**65), max_value=2**65),
+    st.floats(allow_nan=False),  # JSON's 1e400 parses to inf
+    st.text(max_size=5),
+)
+RECORD_VALUES: st.SearchStrategy[Any] = st.one_of(
+    RECORD_SCALARS, st.just({}), st.just([1]), st.just({"x": 1})
+)
+
+
+@st.composite
+def record_lists(draw: st.DrawFn) -> list[Any]:
+    keys = draw(st.lists(st.text(max_size=4), unique=True, max_size=4))
+    values = st.one_of(RECORD_SCALARS, RECORD_VALUES) if draw(st.booleans()) else RECORD_SCALARS
+    items: list[Any] = [
+        {key: draw(values) for key in draw(st.permutations(keys))}
+        for _ in range(draw(st.integers(min_value=0, max_value=6)))
+    ]
+    if items and draw(st.integers(0, 9)) == 0:  # now and then, a shape that is not records
+        items[-1] = draw(st.sampled_from([{}, {"other": 1}, [], 5, None]))
+    return items
+
+
+@settings(max_examples=500, deadline=None)
+@given(record_lists())
+def test_flat_records_are_flattens_root_table(document: list[Any]) -> None:
+    records = flat_records(document)
+    tables = flatten(document)
+    root = table(tables, ())
+    plain = all(
+        type(item) is dict
+        and item.keys() == document[0].keys()
+        and all(
+            v is None
+            or type(v) in (str, bool)
+            or (type(v) is int and INT64_MIN <= v <= INT64_MAX)
+            or (type(v) is float and math.isfinite(v))
+            for v in item.values()
+        )
+        for item in document
+    )
+    assert (records is not None) is (bool(document) and plain)
+    if records is None:
+        return
+    assert len(tables) == 1
+    assert list(records.columns.items()) == list(root.columns.items())
+    assert records.count == len(root.rows)
+    for index, row in enumerate(root.rows):
+        assert (row.index, row.parent_index, row.list_index) == (index, None, index)
+        assert not row.json_keys
+    for key in root.columns:
+        expected = [row.values.get(key) for row in root.rows]
+        assert [(type(v), repr(v)) for v in records.values[key]] == [
+            (type(v), repr(v)) for v in expected
+        ]
