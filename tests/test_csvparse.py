@@ -67,15 +67,18 @@ def test_spectrum_corpus_present() -> None:
     assert len(SPECTRUM_CASES) >= 12
 
 
+@pytest.mark.parametrize(
+    "arrow", [pytest.param(False, id="stdlib"), pytest.param(True, id="arrow")]
+)
 @pytest.mark.parametrize("case", [pytest.param(name, id=name) for name in SPECTRUM_CASES])
-def test_csv_spectrum(case: str) -> None:
+def test_csv_spectrum(case: str, arrow: bool) -> None:
     # read_bytes: read_text would translate the CRLF cases' newlines before parsing.
     text = (SPECTRUM / "csvs" / f"{case}.csv").read_bytes().decode("utf-8")
     loaded = json.loads((SPECTRUM / "json" / f"{case}.json").read_bytes().decode("utf-8"))
     # location_coordinates.json holds a bare object rather than a list of one.
     rows: list[dict[str, str]] = loaded if isinstance(loaded, list) else [loaded]
     expected = [row | SPECTRUM_FIXES.get(case, {}) for row in rows]
-    table = parse_csv(text)
+    table = parse_csv_columns(text, arrow=arrow).table()
     assert [column.original for column in table.columns] == list(expected[0])
     got = [
         dict(zip([c.key for c in table.columns], row_texts(table, row), strict=True))
