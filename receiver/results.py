@@ -620,6 +620,10 @@ _PG_TYPES: dict[type[TypeEngine[Any]], str] = {
 }
 
 
+#: Rows per Arrow-built COPY chunk: PostgreSQL reads one while the next is built.
+_COPY_CHUNK = 8192
+
+
 def _copy(
     conn: Connection,
     table: Table,
@@ -628,8 +632,8 @@ def _copy(
     columns: Mapping[str, Values],
     constants: Mapping[str, Any],
 ) -> None:
-    """``COPY ... (FORMAT BINARY)``: from Arrow arrays in one buffer (`_binary_copy`) when
-    every column allows, else row by row through psycopg's binary dumpers; text COPY for a
+    """``COPY ... (FORMAT BINARY)``, in chunks built from Arrow arrays (`_binary_rows`) when
+    the columns allow, else row by row through psycopg's binary dumpers; text COPY for a
     naive datetime (PostgreSQL reads those in the session's time zone, as an insert does)."""
     given = sorted(given, key=lambda c: c.name in columns)  # the constants first
     pg_types = [_PG_TYPES[type(c.type)] for c in given]
@@ -642,15 +646,29 @@ def _copy(
     )
     driver = conn.connection.driver_connection
     assert driver is not None
-    payload = _binary_copy(given, pg_types, count, columns, constants)
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
-        if payload is not None:
-            for part in payload:
-                copy.write(part)
-            return
         copy.set_types(pg_types)
-        for row in _python_rows(given, count, columns, constants):
-            copy.write_row(row)
+        copy.write(_COPY_SIGNATURE)
+        for start in range(0, count, _COPY_CHUNK):
+            stop = min(start + _COPY_CHUNK, count)
+            chunk = {name: _rows_of(values, start, stop) for name, values in columns.items()}
+            data = _binary_rows(given, pg_types, stop - start, chunk, constants)
+            if data is not None:
+                copy.write(data)
+                continue
+            # The rest row by row; psycopg then ends the stream itself.
+            rest = {name: _rows_of(values, start, count) for name, values in columns.items()}
+            for row in _python_rows(given, count - start, rest, constants):
+                copy.write_row(row)
+            return
+        copy.write(_COPY_TRAILER)
+
+
+def _rows_of(values: Values, start: int, stop: int) -> Values:
+    if isinstance(values, Sequence):
+        return values[start:stop]
+    chunk: Any = values
+    return chunk.slice(start, stop - start)  # type: ignore[no-any-return]
 
 
 def _has_naive_datetime(
@@ -704,14 +722,14 @@ _FIXED: dict[str, tuple[str, int]] = {
 }
 
 
-def _binary_copy(
+def _binary_rows(
     given: list[Column[Any]],
     pg_types: list[str],
     count: int,
     columns: Mapping[str, Values],
     constants: Mapping[str, Any],
-) -> list[bytes | memoryview] | None:
-    """The whole binary COPY stream, built a column at a time in Arrow: no Python per row.
+) -> memoryview | None:
+    """``count`` rows of a binary COPY stream, built a column at a time in Arrow.
 
     Each column becomes one array of encoded fields (length, then big-endian
     value; -1 for NULL) and the fields are joined row by row. The constants,
@@ -748,8 +766,7 @@ def _binary_copy(
     except pa.ArrowException:  # more than 2 GiB, say: psycopg's dumpers do it row by row
         return None
     offsets = _integers(rows.buffers()[1], "i", rows.offset, len(rows) + 1)
-    data = memoryview(rows.buffers()[2])[offsets[0] : offsets[-1]]
-    return [_COPY_SIGNATURE, data, _COPY_TRAILER]
+    return memoryview(rows.buffers()[2])[offsets[0] : offsets[-1]]
 
 
 def _binary_field(value: Any, pg_type: str) -> bytes | None:

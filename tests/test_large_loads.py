@@ -10,12 +10,15 @@ import json
 import math
 from typing import Any
 
+import pyarrow as pa
 import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
 from receiver import csvparse, results
+from receiver.columns import ColumnType
 from receiver.models import ResultColumn, ResultTable
+from receiver.schema import result_table
 from tests.readback import deliver
 
 COPY = results.COPY_THRESHOLD
@@ -101,19 +104,20 @@ def test_arrow_csv_stores_what_the_stdlib_path_stores(
     client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch, copy_threshold: int
 ) -> None:
     monkeypatch.setattr(results, "COPY_THRESHOLD", copy_threshold)
+    monkeypatch.setattr(results, "_COPY_CHUNK", 1000)  # several chunks per COPY
     bodies = [regular_csv(3000), regular_csv(2500, shift=10**6), retyped_csv(2000)]
     for body in bodies:
         assert len(body) >= csvparse.ARROW_MIN_CHARS
         assert not isinstance(csvparse.parse_csv_columns(body.decode()).values[0], list)
     payloads: list[bool] = []
-    binary_copy = results._binary_copy
+    binary_rows = results._binary_rows
 
     def spy(*args: Any) -> Any:
-        payload = binary_copy(*args)
+        payload = binary_rows(*args)
         payloads.append(payload is not None)
         return payload
 
-    monkeypatch.setattr(results, "_binary_copy", spy)
+    monkeypatch.setattr(results, "_binary_rows", spy)
     for hook in ("arrow", "stdlib"):
         if hook == "stdlib":
             monkeypatch.setattr(csvparse, "ARROW_MIN_CHARS", 10**12)
@@ -121,8 +125,9 @@ def test_arrow_csv_stores_what_the_stdlib_path_stores(
             row = deliver(client, engine, hook, body, "text/csv")
             assert row.status == "processed", row.reason
     if engine.dialect.name == "postgresql" and copy_threshold == COPY:
-        # Arrow arrays go to COPY in one buffer; Python lists (variants, stdlib) row by row.
-        assert payloads == [True, True, False, False, False, False]
+        # Arrow arrays go to COPY in Arrow-built chunks; Python values (a timestamp variant,
+        # the stdlib path) row by row.
+        assert payloads == [True] * (3 + 3) + [False] * 4
     arrow, stdlib = stored(engine, "arrow"), stored(engine, "stdlib")
     assert arrow == stdlib
     [root] = arrow.values()
@@ -187,3 +192,29 @@ def test_floats_survive_bit_for_bit(client: TestClient, engine: Engine) -> None:
     with engine.connect() as conn:
         got = conn.exec_driver_sql('SELECT v FROM "results__floats" ORDER BY _row_index').all()
     assert [repr(r[0]) for r in got] == [repr(values[i % len(values)]) for i in range(3000)]
+
+
+class Label(str):
+    """A str subclass: psycopg dumps it, the Arrow encoder leaves it to psycopg."""
+
+
+def test_copy_goes_row_by_row_from_the_chunk_arrow_cannot_encode(
+    engine: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL: chunks 0-5 are Arrow-built, then psycopg takes over mid-COPY and ends the
+    stream. SQLite (multi-row INSERTs) must store the same batch just as well."""
+    monkeypatch.setattr(results, "_COPY_CHUNK", 100)
+    count = 1250
+    table = result_table("results__chunks", (("n", ColumnType.INTEGER), ("s", ColumnType.TEXT)))
+    texts: list[str | None] = [f"s{i}" if i % 3 else None for i in range(count)]
+    texts[640] = Label("odd one")
+    with engine.begin() as conn:
+        table.create(conn)
+        columns = {
+            "n": pa.array(range(count), pa.int64()),
+            "s": texts,
+            "_row_index": range(count),
+        }
+        results.insert_columns(conn, table, count, columns, {"_delivery_id": "d"})
+        got = conn.exec_driver_sql("SELECT _row_index, n, s FROM results__chunks ORDER BY 1").all()
+    assert [tuple(r) for r in got] == [(i, i, texts[i]) for i in range(count)]
