@@ -210,7 +210,7 @@ def test_copy_goes_row_by_row_from_the_chunk_arrow_cannot_encode(
     texts[640] = Label("odd one")
     with engine.begin() as conn:
         table.create(conn)
-        columns = {
+        columns: dict[str, results.Values] = {
             "n": pa.array(range(count), pa.int64()),
             "s": texts,
             "_row_index": range(count),
