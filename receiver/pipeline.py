@@ -24,7 +24,7 @@ from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
 from receiver.models import Delivery, Hook, Output
 from receiver.results import delete_results, load_results
-from receiver.schema import lock_hook
+from receiver.schema import forget_catalogs, lock_hook, lock_hooks
 from receiver.tasks import task_ids, task_row, upsert_task
 from receiver.workers import QueueWorker
 
@@ -96,12 +96,60 @@ def process_deliveries(
                 log.exception("classifying delivery %s failed", delivery_id)
                 parsed.append((delivery, Quarantine(_failure(exc))))
 
-        with write_transaction(conn):
-            for delivery, envelope in parsed:
-                outcomes[delivery.id] = _process_one(
-                    conn, delivery, envelope, registered[delivery.hook][1], max_depth
+        try:
+            with write_transaction(conn):
+                outcomes |= _write_batch(
+                    conn, parsed, registered, isolated=len(parsed) < 2, max_depth=max_depth
+                )
+        except _Isolate:
+            # One of them failed: again, each in a savepoint of its own, so the rest go through.
+            with write_transaction(conn):
+                outcomes |= _write_batch(
+                    conn, parsed, registered, isolated=True, max_depth=max_depth
                 )
     return [outcomes[i] for i in delivery_ids]
+
+
+class _Isolate(Exception):
+    """A delivery of a batch written without savepoints failed: redo it with them."""
+
+
+def _write_batch(
+    conn: Connection,
+    parsed: list[tuple[Row[Any], Envelope | Quarantine]],
+    registered: dict[str, tuple[OutputType | None, Any]],
+    *,
+    isolated: bool,
+    max_depth: int,
+) -> dict[str, Outcome]:
+    """Write a batch's derived rows in the caller's transaction.
+
+    Savepoints cost two round trips a delivery, so a batch first goes without
+    (``isolated=False``): any failure raises `_Isolate` and the caller redoes the
+    batch with a savepoint per delivery. Hook locks are taken once, up front.
+    """
+    lock_hooks(conn, {delivery.hook for delivery, _ in parsed})
+    # Read under the locks: another process may have processed some since they were read.
+    ids = [delivery.id for delivery, _ in parsed]
+    done_before = set(
+        conn.scalars(select(Delivery.id).where(Delivery.id.in_(ids), Delivery.status != "stored"))
+    )
+    outcomes: dict[str, Outcome] = {}
+    for delivery, envelope in parsed:
+        rerun = delivery.id in done_before
+        schema = registered[delivery.hook][1]
+        if isolated:
+            outcomes[delivery.id] = _process_one(conn, delivery, envelope, schema, rerun, max_depth)
+            continue
+        if isinstance(envelope, Quarantine):
+            outcomes[delivery.id] = _quarantine(conn, delivery, envelope.reason, rerun)
+            continue
+        try:
+            _replace_derived(conn, delivery, envelope, schema, rerun, max_depth)
+        except Exception as exc:
+            raise _Isolate from exc
+        outcomes[delivery.id] = Outcome(delivery.id, "processed")
+    return outcomes
 
 
 def _failure(exc: BaseException) -> str:
@@ -113,16 +161,17 @@ def _process_one(
     delivery: Row[Any],
     envelope: Envelope | Quarantine,
     schema: Any,
+    rerun: bool,
     max_depth: int,
 ) -> Outcome:
+    """One delivery in a savepoint: a failure quarantines it alone."""
     reason: str
     if isinstance(envelope, Quarantine):
         reason = envelope.reason
     else:
         savepoint = conn.begin_nested()
         try:
-            labels: dict[str, str] = json.loads(delivery.labels)
-            _replace_derived(conn, delivery, envelope, labels, schema, max_depth)
+            _replace_derived(conn, delivery, envelope, schema, rerun, max_depth)
             savepoint.commit()
             return Outcome(delivery.id, "processed")
         except Quarantine as exc:
@@ -134,25 +183,19 @@ def _process_one(
             savepoint.rollback()
             log.exception("processing delivery %s failed", delivery.id)
             reason = _failure(exc)
-    clear_derived(conn, delivery.id, delivery.hook)
+        forget_catalogs(conn)  # what the savepoint created is gone
+    return _quarantine(conn, delivery, reason, rerun)
+
+
+def _quarantine(conn: Connection, delivery: Row[Any], reason: str, rerun: bool) -> Outcome:
+    if rerun:
+        delete_derived(conn, delivery.id, delivery.hook)
     conn.execute(
         update(Delivery)
         .where(Delivery.id == delivery.id)
         .values(status="quarantined", reason=reason, processed_at=utcnow())
     )
     return Outcome(delivery.id, "quarantined", reason)
-
-
-def clear_derived(conn: Connection, delivery_id: str, hook: str) -> None:
-    """Take the hook's load lock, then delete what an earlier run derived, if any ran.
-
-    The status is read under the lock: another process may have processed the
-    delivery since we read it, and a never-processed one has nothing to scan for.
-    """
-    lock_hook(conn, hook)
-    status = conn.scalar(select(Delivery.status).where(Delivery.id == delivery_id))
-    if status != "stored":
-        delete_derived(conn, delivery_id, hook)
 
 
 def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
@@ -170,11 +213,13 @@ def _replace_derived(
     conn: Connection,
     delivery: Row[Any],
     envelope: Envelope,
-    labels: dict[str, str],
     schema: Any,
+    rerun: bool,
     max_depth: int,
 ) -> None:
-    clear_derived(conn, delivery.id, delivery.hook)
+    if rerun:
+        delete_derived(conn, delivery.id, delivery.hook)
+    labels: dict[str, str] = json.loads(delivery.labels)
     task = task_row(
         envelope,
         hook=delivery.hook,

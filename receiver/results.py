@@ -54,6 +54,7 @@ from receiver.schema import (
     ROW_NOTES,
     Catalog,
     TableInfo,
+    catalog_for,
     fits,
     result_table,
     source_key,
@@ -111,7 +112,7 @@ def load_results(
     """Insert the rows of ``output``; returns how many rows were written."""
     if output.type == OutputType.TEXT:
         return 0
-    catalog = Catalog(conn, hook)
+    catalog = catalog_for(conn, hook)
     system = {"_delivery_id": delivery_id, "_session_id": session_id, "_task_id": task_id}
     system["_received_at"] = received_at  # type: ignore[assignment]
     with _collector_paused(len(output.text)):

@@ -26,6 +26,7 @@ import functools
 import hashlib
 import json
 import zlib
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -57,6 +58,9 @@ MAX_TABLE_NAME = 63
 _DDL_LOCK = 0x5EB7_0001
 #: First key of the two-key advisory locks taken per hook (a key space apart from _DDL_LOCK).
 _HOOK_LOCK = 0x5EB7
+#: Keys of the per-transaction state `_held` keeps in ``Connection.info``.
+_HOOKS_HELD = "receiver.hooks_locked"
+_CATALOGS = "receiver.catalogs"
 
 SQL_TYPES: dict[ColumnType, TypeEngine[Any]] = {
     ColumnType.INTEGER: BigInteger(),
@@ -150,14 +154,57 @@ def lock_hook(conn: Connection, hook: str) -> None:
 
     Without it, a load that has deleted rows (holding a lock on the table)
     and waits for the DDL lock deadlocks with a load that holds the DDL lock
-    and waits to ``ALTER`` that table. Re-entrant within a transaction.
+    and waits to ``ALTER`` that table. Re-entrant within a transaction; free
+    when `lock_hooks` already took it for this transaction.
     """
-    if conn.dialect.name == "postgresql":
-        objid = zlib.crc32(hook.encode("utf-8", "surrogatepass")) - 2**31  # into int4
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), CAST(:o AS integer))"),
-            {"c": _HOOK_LOCK, "o": objid},
-        )
+    if conn.dialect.name != "postgresql" or hook in _held(conn, _HOOKS_HELD, set):
+        return
+    objid = zlib.crc32(hook.encode("utf-8", "surrogatepass")) - 2**31  # into int4
+    conn.execute(
+        text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), CAST(:o AS integer))"),
+        {"c": _HOOK_LOCK, "o": objid},
+    )
+
+
+def lock_hooks(conn: Connection, hooks: Iterable[str]) -> None:
+    """Take the load locks of ``hooks`` for the whole transaction, in a fixed order.
+
+    Taken outside any savepoint, so a savepoint rolled back cannot release them,
+    and later `lock_hook` calls in this transaction cost no round trip. The
+    sorted order keeps two processes locking several hooks from deadlocking.
+    """
+    if conn.dialect.name != "postgresql":
+        return
+    ordered = sorted(set(hooks))
+    for hook in ordered:
+        lock_hook(conn, hook)
+    _held(conn, _HOOKS_HELD, set).update(ordered)
+
+
+def catalog_for(conn: Connection, hook: str) -> Catalog:
+    """``hook``'s catalog, read once per transaction and shared by the loads in it.
+
+    `forget_catalogs` must follow a rolled-back savepoint: what the catalog
+    learnt or created inside it (tables, columns, the DDL lock) is undone.
+    """
+    catalogs: dict[str, Catalog] = _held(conn, _CATALOGS, dict)
+    catalog = catalogs.get(hook)
+    if catalog is None:
+        catalog = catalogs[hook] = Catalog(conn, hook)
+    return catalog
+
+
+def forget_catalogs(conn: Connection) -> None:
+    conn.info.pop(_CATALOGS, None)
+
+
+def _held(conn: Connection, key: str, empty: Callable[[], Any]) -> Any:
+    """Per-transaction state kept on the connection, made afresh for each transaction."""
+    transaction = conn.get_transaction()
+    entry = conn.info.get(key)
+    if entry is None or entry[0] is not transaction:
+        entry = conn.info[key] = (transaction, empty())
+    return entry[1]
 
 
 class Catalog:

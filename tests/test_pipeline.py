@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, insert, select, text
 
+from receiver.db import utcnow, write_transaction
 from receiver.ledger import Ledger, RawDelivery
-from receiver.models import Delivery, Task
+from receiver.models import Delivery, Hook, Task
 from receiver.pipeline import Pipeline, process_deliveries
 from tests.conftest import DELIVERIES
 
@@ -96,3 +97,30 @@ def test_a_crash_in_a_pure_core_quarantines_with_the_reason(engine: Engine) -> N
     [outcome] = process_deliveries(engine, [recorded.delivery_id], max_depth=5)
     assert outcome.status == "quarantined"
     assert statuses(engine)[recorded.delivery_id][0] == "quarantined"
+
+
+def test_a_failure_while_writing_redoes_the_batch_one_savepoint_each(engine: Engine) -> None:
+    """A batch goes first without savepoints; a delivery that fails while its rows are
+    written (here: against the hook's JSON Schema) is quarantined alone on the redo."""
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "qty": {"type": "integer"}},
+        "required": ["name"],
+    }
+    with engine.connect() as conn, write_transaction(conn):
+        conn.execute(
+            insert(Hook).values(
+                name="p", created_at=utcnow(), output_type="structured_json", output_schema=schema
+            )
+        )
+    first, wrong, last = store(
+        engine, b'{"name": "a", "qty": 1}', b'{"qty": "many"}', b'{"name": "c", "qty": 3}'
+    )
+    outcomes = process_deliveries(engine, [first, wrong, last], max_depth=5)
+    assert [o.status for o in outcomes] == ["processed", "quarantined", "processed"]
+    reason = statuses(engine)[wrong][1]
+    assert reason is not None
+    assert "does not match the hook's schema" in reason
+    with engine.connect() as conn:
+        rows = conn.execute(text('SELECT name, qty FROM "results__p" ORDER BY qty')).all()
+    assert [tuple(r) for r in rows] == [("a", 1), ("c", 3)]

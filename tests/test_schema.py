@@ -18,11 +18,12 @@ from sqlalchemy import Engine, inspect, select
 from starlette.testclient import TestClient
 
 from receiver.columns import ColumnType, JsonValue
+from receiver.db import write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook
 from receiver.pipeline import process_delivery
 from receiver.rows import flatten
-from receiver.schema import json_schema_tables
+from receiver.schema import catalog_for, forget_catalogs, json_schema_tables
 from tests.readback import cells, column_map, deliver, hook_tables, raw_rows, run_cli
 
 T, F, INT, B, J = (
@@ -498,3 +499,29 @@ def test_threads_evolve_one_table(engine: Engine) -> None:
         results = list(pool.map(work, orders))
     assert results == [{"processed"}] * 4
     check_concurrent_result(engine, "threads", bodies)
+
+
+def test_the_shared_catalog_forgets_what_a_rolled_back_savepoint_created(
+    engine: Engine,
+) -> None:
+    """The pipeline shares one catalog per hook across a batch; after a savepoint rolls
+    back, `forget_catalogs` makes the next load see the database as it is."""
+    with engine.connect() as conn, write_transaction(conn):
+        catalog = catalog_for(conn, "shared")
+        assert catalog_for(conn, "shared") is catalog  # one read per transaction
+        savepoint = conn.begin_nested()
+        info = catalog.table(("items",), None, None)
+        catalog.column(info, '["sku"]', "sku", ColumnType.TEXT)
+        savepoint.rollback()
+        stale = catalog_for(conn, "shared")
+        assert info.identity in stale.tables  # what the rollback undid, it still believes
+        forget_catalogs(conn)
+        fresh = catalog_for(conn, "shared")
+        assert fresh is not stale
+        assert fresh.tables == {}
+        again = fresh.table(("items",), None, None)  # created for real this time
+        fresh.column(again, '["sku"]', "sku", ColumnType.TEXT)
+    with engine.connect() as conn:
+        assert catalog_for(conn, "shared") is not fresh  # a new transaction reads afresh
+        assert catalog_for(conn, "shared").tables[again.identity].columns['["sku"]'][0] == "sku"
+    assert "sku" in {c["name"] for c in inspect(engine).get_columns(again.name)}
