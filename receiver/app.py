@@ -15,6 +15,7 @@ from starlette.routing import Route
 from receiver import endpoints
 from receiver.auth import Authenticator
 from receiver.db import check_schema, create_db_engine
+from receiver.deadlines import Deadlines
 from receiver.ledger import Ledger, Recorded
 from receiver.logs import DeliveryLine, configure_logging, log_delivery
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
@@ -88,6 +89,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.spool_drainer = drainer
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
     app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
+    app.state.deadlines = Deadlines()
     app.state.authenticator = Authenticator(engine, settings.tokens, settings.auth_cache_seconds)
     return app
 

@@ -8,7 +8,6 @@ pragmas, how a UTC time is passed to a raw driver, the parameter style, and
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,26 +163,3 @@ def insert_for(engine_or_dialect: Engine | str) -> Any:
     from sqlalchemy.dialects.postgresql import insert as pg_insert
 
     return pg_insert
-
-
-def execute_returning(
-    engine: Engine, cursor: Any, sql: str, rows: Sequence[Sequence[Any]]
-) -> list[Any]:
-    """Run ``sql ... RETURNING`` once per row; the first returned row of each, or None.
-
-    psycopg sends the whole batch in one pipelined round trip; SQLite is in-process,
-    so a plain loop costs nothing extra.
-    """
-    if is_sqlite(engine) or len(rows) < 2:
-        out = []
-        for row in rows:
-            cursor.execute(sql, row)
-            out.append(cursor.fetchone())
-        return out
-    cursor.executemany(sql, rows, returning=True)
-    out = []
-    while True:
-        out.append(cursor.fetchone())
-        if not cursor.nextset():
-            break
-    return out

@@ -6,7 +6,6 @@ everything else happens after, in `pipeline`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 
@@ -15,6 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from receiver.auth import Authenticator
+from receiver.deadlines import Deadlines, Timeout
 from receiver.errors import LedgerUnavailable, SpoolUnavailable
 from receiver.ledger import Ledger, RawDelivery
 from receiver.spool import Spool
@@ -49,13 +49,13 @@ def _accepted(request: Request, delivery_id: str, status: str) -> Response:
     return Response(body, media_type="application/json")
 
 
-async def read_body(request: Request, limit: int, declared: bytes | None, seconds: float) -> bytes:
+async def read_body(request: Request, limit: int, declared: bytes | None, within: Timeout) -> bytes:
     """The body, refusing as soon as it passes ``limit`` whatever Content-Length claims."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge
     chunks: list[bytes] = []
     size = 0
-    async with asyncio.timeout(seconds):
+    async with within:
         async for chunk in request.stream():
             size += len(chunk)
             if size > limit:
@@ -99,6 +99,7 @@ async def receive_delivery(request: Request) -> Response:
     if len(hook) > MAX_HOOK_NAME or not hook.isprintable():
         return _error(404, "unknown hook")
     auth: Authenticator = state.authenticator
+    deadlines: Deadlines = state.deadlines
     wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
     lookup_failed = False
     if not auth.is_cached(hook):
@@ -117,7 +118,9 @@ async def receive_delivery(request: Request) -> Response:
     limit: int = state.settings.max_body_bytes
     body_seconds: float = getattr(state, "body_read_seconds", BODY_READ_SECONDS)
     try:
-        body = await read_body(request, limit, headers.content_length, body_seconds)
+        body = await read_body(
+            request, limit, headers.content_length, deadlines.timeout(body_seconds)
+        )
     except BodyTooLarge:
         return _error(413, f"body larger than {limit} bytes")
     except ClientDisconnect:
@@ -135,7 +138,7 @@ async def receive_delivery(request: Request) -> Response:
     )
     ledger: Ledger = state.ledger
     try:
-        recorded = await ledger.record(delivery, timeout=wait)
+        recorded = await ledger.record(delivery, deadlines.timeout(wait))
     except LedgerUnavailable as exc:
         return await _spool(request, delivery, str(exc), started)
     # The per-delivery log line and metrics: `receiver.app.observed`.

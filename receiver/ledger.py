@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import hashlib
 import json
 import logging
@@ -28,7 +29,8 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy import Engine
 
-from receiver.db import driver_time, execute_returning, is_sqlite, paramstyle, utcnow
+from receiver.db import driver_time, is_sqlite, paramstyle, utcnow
+from receiver.deadlines import Timeout
 from receiver.errors import LedgerUnavailable
 from receiver.workers import QueueWorker
 
@@ -90,13 +92,45 @@ class Recorded:
     duplicate_of: str | None = None
 
 
-_INSERT = """
-INSERT INTO deliveries (id, hook, received_at, body, body_sha256, body_size, content_type,
-    headers, query_string, labels, dedupe_key, first_key, duplicate_of, status)
-VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
-"""
+_COLUMNS = """id, hook, received_at, body, body_sha256, body_size, content_type,
+    headers, query_string, labels, dedupe_key, first_key, duplicate_of, status"""
+_INSERT = f"INSERT INTO deliveries ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
 # No conflict target: a clash on ``first_key`` is a duplicate, one on ``id`` a replay.
-_INSERT_FIRST = _INSERT + " ON CONFLICT DO NOTHING RETURNING id"
+_CONFLICT = " ON CONFLICT DO NOTHING RETURNING id"
+
+
+@functools.cache
+def _insert_new_pg(rows: int) -> str:
+    """One multi-row INSERT in PostgreSQL's own ``$n`` placeholders."""
+    values = ", ".join(
+        "(" + ", ".join(f"${r * 14 + c}" for c in range(1, 15)) + ")" for r in range(rows)
+    )
+    return f"INSERT INTO deliveries ({_COLUMNS}) VALUES {values}{_CONFLICT}"
+
+
+def _insert_new(engine: Engine, cursor: Any, rows: list[tuple[Any, ...]]) -> set[str]:
+    """Insert ``rows`` as new deliveries; the ids that went in (a clash is not returned).
+
+    On PostgreSQL one statement for the batch, through psycopg's `RawCursor`: its
+    ``$n`` placeholders skip the client-side parsing that psycopg does not cache
+    for long statements (a third of the writer's time per delivery, measured).
+    SQLite is in-process: a statement per row costs nothing extra.
+    """
+    if is_sqlite(engine):
+        inserted = set()
+        for row in rows:
+            cursor.execute(_INSERT + _CONFLICT, row)
+            found = cursor.fetchone()
+            if found is not None:
+                inserted.add(found[0])
+        return inserted
+    import psycopg
+
+    raw = psycopg.RawCursor(cursor.connection)
+    raw.execute(_insert_new_pg(len(rows)), [value for row in rows for value in row])
+    return {found[0] for found in raw.fetchall()}
+
+
 _INSERT_HOOK = "INSERT INTO hooks (name, created_at) VALUES (?, ?) ON CONFLICT (name) DO NOTHING"
 _FIND_FIRST = "SELECT id FROM deliveries WHERE first_key = ?"
 _FIND_ID = "SELECT status, duplicate_of FROM deliveries WHERE id = ?"
@@ -111,7 +145,6 @@ def write_deliveries(
     after a crash, a write that committed after its request gave up) is not
     written again, and its recorded status is returned.
     """
-    sql_first = paramstyle(engine, _INSERT_FIRST)
     sql_id = paramstyle(engine, _FIND_ID)
     sql_dup = paramstyle(engine, _INSERT)
     sql_hook = paramstyle(engine, _INSERT_HOOK)
@@ -134,16 +167,15 @@ def write_deliveries(
         )
         for d in deliveries
     ]
-    # The common case, a new delivery, in one round trip for the whole batch.
-    inserted = execute_returning(
+    # The common case, all new, in one round trip for the whole batch.
+    inserted = _insert_new(
         engine,
         cursor,
-        sql_first,
         [(*r, d.dedupe_key, None, "stored") for d, r in zip(deliveries, rows, strict=True)],
     )
     results: list[Recorded] = []
-    for d, common, returned in zip(deliveries, rows, inserted, strict=True):
-        if returned is not None:
+    for d, common in zip(deliveries, rows, strict=True):
+        if d.id in inserted:
             results.append(Recorded(d.id, "stored"))
             continue
         cursor.execute(sql_id, (d.id,))
@@ -246,9 +278,9 @@ class Ledger(QueueWorker[_Item]):
         """
         return self._queue.qsize() > 0 or time.monotonic() - self._last_write < within
 
-    async def record(self, delivery: RawDelivery, timeout: float | None = None) -> Recorded:
+    async def record(self, delivery: RawDelivery, within: Timeout | None = None) -> Recorded:
         """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it
-        or did not answer within ``timeout`` seconds.
+        or did not answer ``within`` the timeout.
 
         After a timeout the delivery is either never written (still queued: the
         cancelled future makes the writer skip it) or written later by a batch
@@ -256,12 +288,15 @@ class Ledger(QueueWorker[_Item]):
         """
         waiter = _Waiter(asyncio.get_running_loop())
         self._queue.put((delivery, waiter))
+        if within is None:
+            return await waiter.future
         try:
-            # asyncio.timeout, not wait_for: no extra task per request on the hot path.
-            async with asyncio.timeout(timeout):
+            async with within:
                 return await waiter.future
         except TimeoutError:
-            raise LedgerUnavailable(f"database did not answer within {timeout} s") from None
+            raise LedgerUnavailable(
+                f"database did not answer within {within.seconds:g} s"
+            ) from None
 
     def record_sync(self, deliveries: Sequence[RawDelivery]) -> list[Recorded]:
         """Commit ``deliveries`` from a plain thread (spool drain, tools, tests)."""
