@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -12,7 +13,13 @@ import httpx
 import pytest
 from starlette.testclient import TestClient
 
-from receiver.logs import DELIVERY_LOGGER, DeliveryLine, JsonFormatter, configure_logging
+from receiver.logs import (
+    DELIVERY_LOGGER,
+    BufferedStderrHandler,
+    DeliveryLine,
+    JsonFormatter,
+    configure_logging,
+)
 from tests.conftest import TOKEN, post
 from tests.live import live_server
 
@@ -104,3 +111,37 @@ def test_serve_writes_one_line_per_delivery_and_no_access_log(db_url: str, tmp_p
     assert len([line for line in log.splitlines() if delivery_id in line]) == 1
     assert "POST /hooks/logged" not in log
     assert "SECRETVALUE" not in log
+
+
+def test_lines_are_written_in_batches_and_warnings_at_once() -> None:
+    """Info lines wait (at most the flush interval) in a buffer; a warning goes out at once."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    handler = BufferedStderrHandler(interval=0.2)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setStream(open(write_fd, "w", buffering=1 << 16))  # noqa: SIM115 - closed below
+
+    def pending() -> bytes:
+        try:
+            return os.read(read_fd, 1 << 20)
+        except BlockingIOError:
+            return b""
+
+    try:
+        for i in range(50):
+            handler.handle(logging.makeLogRecord({"msg": f"line {i}", "levelno": logging.INFO}))
+        assert pending() == b""  # nothing written yet: one write will carry them all
+        deadline = time.monotonic() + 5
+        seen = b""
+        while seen.count(b"\n") < 50 and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += pending()
+        assert seen.decode().splitlines() == [f"line {i}" for i in range(50)]
+        handler.handle(
+            logging.makeLogRecord({"msg": "careful", "levelno": logging.WARNING, "levelname": "W"})
+        )
+        assert pending() == b"careful\n"
+    finally:
+        handler.close()
+        handler.stream.close()
+        os.close(read_fd)
