@@ -263,7 +263,8 @@ class Ledger(QueueWorker[_Item]):
         self.max_batch = max_batch
         super().__init__(queue.SimpleQueue())
         self._conn: Any = None
-        self._last_write = 0.0
+        # The last two commits: two close together make a stream, one alone does not.
+        self._last_write = self._write_before = 0.0
 
     def stop(self) -> None:
         """Finish what is queued, then stop the writer."""
@@ -271,12 +272,17 @@ class Ledger(QueueWorker[_Item]):
         self._close()
 
     def busy(self, within: float = 0.02) -> bool:
-        """Deliveries are waiting, or were written in the last ``within`` seconds.
+        """Deliveries are waiting, or are streaming in: the last two commits both
+        fell within ``within`` seconds of each other and of now.
 
-        The pipeline yields while this holds: under a stream of deliveries the
-        queue empties between group commits, so its length alone says little.
+        The pipeline yields while this holds: under a stream the queue empties
+        between group commits, so its length alone says little. A delivery on
+        its own does not count, so it is processed at once.
         """
-        return self._queue.qsize() > 0 or time.monotonic() - self._last_write < within
+        if self._queue.qsize() > 0:
+            return True
+        last = self._last_write
+        return time.monotonic() - last < within and last - self._write_before < within
 
     async def record(self, delivery: RawDelivery, within: Timeout | None = None) -> Recorded:
         """Commit ``delivery``; raises `LedgerUnavailable` if the database refused it
@@ -354,7 +360,7 @@ class Ledger(QueueWorker[_Item]):
                 len(batch),
                 (time.perf_counter() - started) * 1e3,
             )
-        self._last_write = time.monotonic()
+        self._write_before, self._last_write = self._last_write, time.monotonic()
         # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
         if self.on_committed is not None:
             try:

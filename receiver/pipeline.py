@@ -30,6 +30,9 @@ from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.pipeline")
 
+#: How often a pipeline yielding to ingest looks again.
+YIELD_POLL_SECONDS = 0.05
+
 
 @dataclass(frozen=True)
 class Outcome:
@@ -344,12 +347,16 @@ class Pipeline(QueueWorker[str]):
             log.warning("pipeline sweep could not reach the database")
 
     def _yield_to_ingest(self) -> bool:
-        """Wait while the ledger has work (up to ``max_yield``); True if it was busy."""
+        """Wait while the ledger has work (up to ``max_yield``); True if it was busy.
+
+        Checked every ``YIELD_POLL_SECONDS``, not faster: each wake-up takes the GIL
+        from the event loop, which then waits for the OS to run this thread.
+        """
         if self.busy is None or not self.busy():
             return False
         deadline = time.monotonic() + self.max_yield
         while self.busy() and time.monotonic() < deadline:
-            time.sleep(0.002)
+            time.sleep(YIELD_POLL_SECONDS)
         return True
 
     def _process(self, ids: list[str]) -> dict[str, str]:

@@ -124,3 +124,26 @@ def test_a_failure_while_writing_redoes_the_batch_one_savepoint_each(engine: Eng
     with engine.connect() as conn:
         rows = conn.execute(text('SELECT name, qty FROM "results__p" ORDER BY qty')).all()
     assert [tuple(r) for r in rows] == [("a", 1), ("c", 3)]
+
+
+def test_the_ledger_is_busy_during_a_stream_not_after_one_delivery(engine: Engine) -> None:
+    """The pipeline yields to a stream of deliveries, and processes a lone one at once."""
+    ledger = Ledger(engine)
+    ledger.start()
+
+    def one(n: int) -> None:
+        body = f'{{"event":"task_completed","sessionId":"s","taskId":"b{n}"}}'.encode()
+        ledger.record_sync(
+            [RawDelivery(hook="p", body=body, content_type=None, headers=(), query_string="")]
+        )
+
+    try:
+        assert not ledger.busy(within=2.0)
+        one(1)
+        assert not ledger.busy(within=2.0)  # a delivery on its own
+        one(2)
+        assert ledger.busy(within=2.0)  # two commits close together: a stream
+        time.sleep(0.3)
+        assert not ledger.busy(within=0.2)  # and it has passed
+    finally:
+        ledger.stop()
