@@ -11,6 +11,7 @@ the end of the load and how fast it drains are reported too.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import time
 from pathlib import Path
 from typing import Any
@@ -72,73 +73,116 @@ def _env(db: BenchDatabase, data_dir: Path) -> dict[str, str]:
     }
 
 
-def run_baseline(dialect: str, connections: int, seconds: int, logs: Path) -> dict[str, Any]:
-    with fresh_database(dialect, migrate=False) as db:
-        port = free_port()
-        env = _env(db, logs / "data")
-        log = logs / f"ingest-baseline-{dialect}.log"
-        with running(baseline_argv(port), env, log, port=port, ready_path="/healthz") as server:
-            _load(server, connections, 2)  # warm-up
-            load = _load(server, connections, seconds)
-            peak = server.peak_rss_mb()
-        stored = status_counts(db, "raw")["stored"]
-    return {**_figures(load), "rows_committed": stored, "peak_rss_mb": peak}
+@dataclasses.dataclass
+class _Contender:
+    """One server under test: its database, and its figures per round."""
+
+    name: str
+    db: BenchDatabase
+    server: Server
+    processes: bool  # has a pipeline whose backlog must drain between rounds
+    rounds: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+
+    @property
+    def table(self) -> str:
+        return "raw" if self.name == "baseline" else "deliveries"
 
 
-def run_receiver(
-    dialect: str, connections: int, seconds: int, logs: Path, *, pipeline: bool = True
+def _start(
+    stack: contextlib.ExitStack, name: str, dialect: str, connections: int, logs: Path
+) -> _Contender:
+    db = stack.enter_context(fresh_database(dialect, migrate=name != "baseline"))
+    port = free_port()
+    argv = {
+        "baseline": baseline_argv(port),
+        "receiver": receiver_argv(port),
+        "receiver_no_pipeline": variant_argv(port, "bench.variants:receiver_without_pipeline"),
+    }[name]
+    log = logs / f"ingest-{name}-{dialect}.log"
+    server = stack.enter_context(
+        running(argv, _env(db, logs / "data"), log, port=port, ready_path="/healthz")
+    )
+    _load(server, connections, 2)  # warm-up
+    return _Contender(name, db, server, processes=name == "receiver")
+
+
+def _measure(contender: _Contender, connections: int, seconds: int) -> dict[str, Any]:
+    """One loaded run; for the receiver, also what its pipeline did during and after it."""
+    before = status_counts(contender.db, contender.table)
+    load = _load(contender.server, connections, seconds)
+    result = _figures(load)
+    if contender.processes:
+        after_load = status_counts(contender.db)
+        drain_s, drained = wait_processed(contender.db, DRAIN_TIMEOUT_S)
+        processed_in_load = after_load.get("processed", 0) - before.get("processed", 0)
+        processed_in_drain = drained.get("processed", 0) - after_load.get("processed", 0)
+        result |= {
+            "processed_per_s_during_load": round(processed_in_load / load.seconds, 1),
+            "backlog_at_end_of_load": after_load.get("stored", 0),
+            "drain_s": round(drain_s, 2),
+            "processed_per_s_idle": round(processed_in_drain / drain_s, 1)
+            if drain_s > 0.5
+            else None,
+            "left_unprocessed": drained.get("stored", 0),
+            "quarantined": drained.get("quarantined", 0),
+        }
+    return result
+
+
+def _median_round(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median rate (figures of one real run, not a mix), plus all rates."""
+    ordered = sorted(rounds, key=lambda r: r["deliveries_per_s"])
+    return {**ordered[len(ordered) // 2], "rates": [r["deliveries_per_s"] for r in rounds]}
+
+
+def run_dialect(
+    dialect: str, connections: int, seconds: int, logs: Path, rounds: int
 ) -> dict[str, Any]:
-    """`receiver serve` (or, with ``pipeline=False``, its edge and ledger alone) under load."""
-    with fresh_database(dialect) as db:
-        port = free_port()
-        env = _env(db, logs / "data")
-        name = "receiver" if pipeline else "receiver-no-pipeline"
-        argv = (
-            receiver_argv(port)
-            if pipeline
-            else variant_argv(port, "bench.variants:receiver_without_pipeline")
-        )
-        log = logs / f"ingest-{name}-{dialect}.log"
-        with running(argv, env, log, port=port, ready_path="/healthz") as server:
-            _load(server, connections, 2)  # warm-up
-            if pipeline:
-                wait_processed(db, DRAIN_TIMEOUT_S)
-            before = status_counts(db)
-            load = _load(server, connections, seconds)
-            after_load = status_counts(db)
-            result = _figures(load)
-            if pipeline:
-                drain_s, drained = wait_processed(db, DRAIN_TIMEOUT_S)
-                processed_in_load = after_load.get("processed", 0) - before.get("processed", 0)
-                processed_in_drain = drained.get("processed", 0) - after_load.get("processed", 0)
-                result |= {
-                    "processed_per_s_during_load": round(processed_in_load / load.seconds, 1),
-                    "backlog_at_end_of_load": after_load.get("stored", 0),
-                    "drain_s": round(drain_s, 2),
-                    "processed_per_s_idle": round(processed_in_drain / drain_s, 1)
-                    if drain_s > 0.5
-                    else None,
-                    "left_unprocessed": drained.get("stored", 0),
-                    "quarantined": drained.get("quarantined", 0),
-                }
-            peak = server.peak_rss_mb()
-        total = sum(status_counts(db).values())
-    return {**result, "rows_committed": total, "peak_rss_mb": peak}
+    """Baseline, receiver and receiver without pipeline, each on its own fresh database,
+    loaded in turn for ``rounds`` rounds: a machine that gets busier or quieter during
+    the run then weighs on all three alike. Each figure is its median round."""
+    with contextlib.ExitStack() as stack:
+        contenders = [
+            _start(stack, name, dialect, connections, logs)
+            for name in ("baseline", "receiver", "receiver_no_pipeline")
+        ]
+        for contender in contenders:
+            if contender.processes:  # the warm-up's backlog
+                wait_processed(contender.db, DRAIN_TIMEOUT_S)
+        for _ in range(rounds):
+            for contender in contenders:
+                contender.rounds.append(_measure(contender, connections, seconds))
+        out: dict[str, Any] = {}
+        for contender in contenders:
+            totals = status_counts(
+                contender.db, "raw" if contender.name == "baseline" else "deliveries"
+            )
+            out[contender.name] = {
+                **_median_round(contender.rounds),
+                "rows_committed": sum(totals.values()),
+                "ok_total": sum(r["ok"] for r in contender.rounds),
+                "peak_rss_mb": contender.server.peak_rss_mb(),
+            }
+    return out
 
 
-def run(dialects: list[str], connections: int, seconds: int, logs: Path) -> dict[str, Any]:
+def run(
+    dialects: list[str], connections: int, seconds: int, logs: Path, rounds: int = 3
+) -> dict[str, Any]:
     """Figure 1 for each dialect: baseline, receiver, receiver without pipeline, ratios."""
     out: dict[str, Any] = {}
     for dialect in dialects:
-        base = run_baseline(dialect, connections, seconds, logs)
-        recv = run_receiver(dialect, connections, seconds, logs)
-        edge = run_receiver(dialect, connections, seconds, logs, pipeline=False)
+        figures = run_dialect(dialect, connections, seconds, logs, rounds)
+        base, recv, edge = (
+            figures["baseline"],
+            figures["receiver"],
+            figures["receiver_no_pipeline"],
+        )
         out[dialect] = {
-            "baseline": base,
-            "receiver": recv,
-            "receiver_no_pipeline": edge,
+            **figures,
             "ratio": round(recv["deliveries_per_s"] / base["deliveries_per_s"], 3),
             "ratio_no_pipeline": round(edge["deliveries_per_s"] / base["deliveries_per_s"], 3),
             "p99_vs_baseline": round(recv["p99_ms"] / base["p99_ms"], 3),
+            "rounds": rounds,
         }
     return out
