@@ -22,6 +22,11 @@ from receiver.schema import result_table
 from tests.readback import deliver
 
 COPY = results.COPY_THRESHOLD
+#: PostgreSQL loads big batches through COPY and small ones through executemany: test both.
+BOTH_LOAD_PATHS = pytest.mark.parametrize(
+    "copy_threshold",
+    [pytest.param(COPY, id="copy"), pytest.param(10**9, id="executemany")],
+)
 #: System columns that two deliveries of one body have in common.
 SYSTEM = ("_row_index", "_parent_index", "_list_index", "_session_id", "_task_id")
 #: System columns that are the same for two deliveries of one body.
@@ -96,10 +101,7 @@ def retyped_csv(rows: int) -> bytes:
     return buffer.getvalue().encode()
 
 
-@pytest.mark.parametrize(
-    "copy_threshold",
-    [pytest.param(COPY, id="copy"), pytest.param(10**9, id="executemany")],
-)
+@BOTH_LOAD_PATHS
 def test_arrow_csv_stores_what_the_stdlib_path_stores(
     client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch, copy_threshold: int
 ) -> None:
@@ -151,10 +153,7 @@ def flat_records_json(items: int) -> bytes:
     ).encode()
 
 
-@pytest.mark.parametrize(
-    "copy_threshold",
-    [pytest.param(COPY, id="copy"), pytest.param(10**9, id="executemany")],
-)
+@BOTH_LOAD_PATHS
 def test_flat_records_store_what_flatten_stores(
     client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch, copy_threshold: int
 ) -> None:
