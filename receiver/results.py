@@ -24,6 +24,7 @@ import math
 import struct
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import jsonschema
@@ -501,30 +502,54 @@ def insert_columns(
     if not count:
         return
     given = [c for c in table.columns if c.name in columns or constants.get(c.name) is not None]
+    rows = _Rows(given, count, columns, constants)
     if conn.dialect.name != "postgresql":
-        _insert_sqlite(conn, table, given, count, columns, constants)
+        _insert_sqlite(conn, table, rows)
     elif count > COPY_THRESHOLD:
-        _copy(conn, table, given, count, columns, constants)
+        _copy(conn, table, rows)
     else:
         names = [c.name for c in given]
-        rows = _python_rows(given, count, columns, constants)
-        conn.execute(table.insert(), [dict(zip(names, row, strict=True)) for row in rows])
+        conn.execute(
+            table.insert(), [dict(zip(names, row, strict=True)) for row in rows.python_rows()]
+        )
 
 
-def _python_rows(
-    given: list[Column[Any]],
-    count: int,
-    columns: Mapping[str, Values],
-    constants: Mapping[str, Any],
-) -> Iterator[tuple[Any, ...]]:
-    """The rows as tuples of Python values, in the order of ``given``."""
-    ordered = [
-        _python(columns[c.name])
-        if c.name in columns
-        else itertools.repeat(constants[c.name], count)
-        for c in given
-    ]
-    return zip(*ordered, strict=True)
+@dataclass(frozen=True)
+class _Rows:
+    """``count`` rows to insert into the ``given`` columns, held column by column: a list
+    or Arrow array per name in ``columns``, else one value for every row from ``constants``."""
+
+    given: list[Column[Any]]
+    count: int
+    columns: Mapping[str, Values]
+    constants: Mapping[str, Any]
+
+    def python_rows(self) -> Iterator[tuple[Any, ...]]:
+        """The rows as tuples of Python values, in the order of ``given``."""
+        ordered = [
+            _python(self.columns[c.name])
+            if c.name in self.columns
+            else itertools.repeat(self.constants[c.name], self.count)
+            for c in self.given
+        ]
+        return zip(*ordered, strict=True)
+
+    def slice(self, start: int, stop: int) -> _Rows:
+        columns = {name: _rows_of(values, start, stop) for name, values in self.columns.items()}
+        return replace(self, count=stop - start, columns=columns)
+
+    def has_naive_datetime(self) -> bool:
+        for column in self.given:
+            if not isinstance(column.type, DateTime):
+                continue
+            values = self.columns.get(column.name)
+            if values is None:
+                values = [self.constants[column.name]]
+            if isinstance(values, Sequence) and any(
+                isinstance(v, dt.datetime) and v.tzinfo is None for v in values
+            ):
+                return True
+        return False
 
 
 def _python(values: Values) -> Sequence[Any]:
@@ -539,14 +564,8 @@ def _python(values: Values) -> Sequence[Any]:
     return converted
 
 
-def _insert_sqlite(
-    conn: Connection,
-    table: Table,
-    given: list[Column[Any]],
-    count: int,
-    columns: Mapping[str, Values],
-    constants: Mapping[str, Any],
-) -> None:
+def _insert_sqlite(conn: Connection, table: Table, rows: _Rows) -> None:
+    given, count, columns, constants = rows.given, rows.count, rows.columns, rows.constants
     dialect = conn.dialect
     ordered: list[Iterable[Any]] = []
     for column in given:
@@ -625,21 +644,16 @@ _PG_TYPES: dict[type[TypeEngine[Any]], str] = {
 _COPY_CHUNK = 8192
 
 
-def _copy(
-    conn: Connection,
-    table: Table,
-    given: list[Column[Any]],
-    count: int,
-    columns: Mapping[str, Values],
-    constants: Mapping[str, Any],
-) -> None:
+def _copy(conn: Connection, table: Table, rows: _Rows) -> None:
     """``COPY ... (FORMAT BINARY)``, in chunks built from Arrow arrays (`_binary_rows`) when
     the columns allow, else row by row through psycopg's binary dumpers; text COPY for a
     naive datetime (PostgreSQL reads those in the session's time zone, as an insert does)."""
-    given = sorted(given, key=lambda c: c.name in columns)  # the constants first
+    # The constants first.
+    rows = replace(rows, given=sorted(rows.given, key=lambda c: c.name in rows.columns))
+    given = rows.given
     pg_types = [_PG_TYPES[type(c.type)] for c in given]
-    if "timestamptz" in pg_types and _has_naive_datetime(given, columns, constants):
-        _copy_text(conn, table, given, count, columns, constants)
+    if "timestamptz" in pg_types and rows.has_naive_datetime():
+        _copy_text(conn, table, rows)
         return
     statement = pgsql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
         pgsql.Identifier(table.name),
@@ -650,16 +664,13 @@ def _copy(
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
         copy.set_types(pg_types)
         copy.write(_COPY_SIGNATURE)
-        for start in range(0, count, _COPY_CHUNK):
-            stop = min(start + _COPY_CHUNK, count)
-            chunk = {name: _rows_of(values, start, stop) for name, values in columns.items()}
-            data = _binary_rows(given, pg_types, stop - start, chunk, constants)
+        for start in range(0, rows.count, _COPY_CHUNK):
+            data = _binary_rows(rows.slice(start, min(start + _COPY_CHUNK, rows.count)), pg_types)
             if data is not None:
                 copy.write(data)
                 continue
             # The rest row by row; psycopg then ends the stream itself.
-            rest = {name: _rows_of(values, start, count) for name, values in columns.items()}
-            for row in _python_rows(given, count - start, rest, constants):
+            for row in rows.slice(start, rows.count).python_rows():
                 copy.write_row(row)
             return
         copy.write(_COPY_TRAILER)
@@ -672,38 +683,15 @@ def _rows_of(values: Values, start: int, stop: int) -> Values:
     return chunk.slice(start, stop - start)  # type: ignore[no-any-return]
 
 
-def _has_naive_datetime(
-    given: list[Column[Any]], columns: Mapping[str, Values], constants: Mapping[str, Any]
-) -> bool:
-    for column in given:
-        if not isinstance(column.type, DateTime):
-            continue
-        values = columns.get(column.name)
-        if values is None:
-            values = [constants[column.name]]
-        if isinstance(values, Sequence) and any(
-            isinstance(v, dt.datetime) and v.tzinfo is None for v in values
-        ):
-            return True
-    return False
-
-
-def _copy_text(
-    conn: Connection,
-    table: Table,
-    given: list[Column[Any]],
-    count: int,
-    columns: Mapping[str, Values],
-    constants: Mapping[str, Any],
-) -> None:
+def _copy_text(conn: Connection, table: Table, rows: _Rows) -> None:
     statement = pgsql.SQL("COPY {} ({}) FROM STDIN").format(
         pgsql.Identifier(table.name),
-        pgsql.SQL(", ").join(pgsql.Identifier(c.name) for c in given),
+        pgsql.SQL(", ").join(pgsql.Identifier(c.name) for c in rows.given),
     )
     driver = conn.connection.driver_connection
     assert driver is not None
     with driver.cursor() as cursor, cursor.copy(statement) as copy:
-        for row in _python_rows(given, count, columns, constants):
+        for row in rows.python_rows():
             copy.write_row(row)
 
 
@@ -723,14 +711,8 @@ _FIXED: dict[str, tuple[str, int]] = {
 }
 
 
-def _binary_rows(
-    given: list[Column[Any]],
-    pg_types: list[str],
-    count: int,
-    columns: Mapping[str, Values],
-    constants: Mapping[str, Any],
-) -> memoryview | None:
-    """``count`` rows of a binary COPY stream, built a column at a time in Arrow.
+def _binary_rows(rows: _Rows, pg_types: list[str]) -> memoryview | None:
+    """``rows`` as a binary COPY stream, built a column at a time in Arrow.
 
     Each column becomes one array of encoded fields (length, then big-endian
     value; -1 for NULL) and the fields are joined row by row. The constants,
@@ -739,6 +721,7 @@ def _binary_rows(
     every other one is an Arrow array of its type, a ``range``, or a list of
     text, numbers or booleans (row notes, variants).
     """
+    given, count, columns, constants = rows.given, rows.count, rows.columns, rows.constants
     if all(isinstance(columns.get(c.name), Sequence | None) for c in given):
         return None  # Python values only (JSON rows): psycopg's C dumpers are quicker
     import pyarrow as pa
@@ -761,13 +744,13 @@ def _binary_rows(
             fields.append(encoded)
         if not fields:
             return None
-        rows: Any = pc.binary_join_element_wise(
+        joined: Any = pc.binary_join_element_wise(
             _binary_scalar(prefix), *fields, _binary_scalar(b"")
         )
     except pa.ArrowException:  # more than 2 GiB, say: psycopg's dumpers do it row by row
         return None
-    offsets = _integers(rows.buffers()[1], "i", rows.offset, len(rows) + 1)
-    return memoryview(rows.buffers()[2])[offsets[0] : offsets[-1]]
+    offsets = _integers(joined.buffers()[1], "i", joined.offset, len(joined) + 1)
+    return memoryview(joined.buffers()[2])[offsets[0] : offsets[-1]]
 
 
 def _binary_field(value: Any, pg_type: str) -> bytes | None:
