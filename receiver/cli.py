@@ -82,7 +82,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
     import uvicorn
 
     from receiver import auth
-    from receiver.app import create_app
+    from receiver.app import create_app, settle_heap
     from receiver.db import upgrade
     from receiver.logs import configure_logging
     from receiver.metrics import MULTIPROC_ENV
@@ -113,7 +113,9 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
             **UVICORN_OPTIONS,
         )
     else:
-        uvicorn.run(create_app(settings, engine=engine), host=host, port=port, **UVICORN_OPTIONS)
+        app = create_app(settings, engine=engine)
+        settle_heap()
+        uvicorn.run(app, host=host, port=port, **UVICORN_OPTIONS)
 
 
 #: Package data: the catalogue bodies and ``index.json`` (name, content type, submittedData).
