@@ -816,6 +816,8 @@ def _parse_arrow(text: str, expected_columns: Sequence[str] | None) -> CsvColumn
     qualifies: ``csv`` then reads every record cleanly (no repair, no raw
     text, no flag) and Arrow's reader splits the same fields.
     """
+    if text.startswith("\ufeff"):  # a second BOM: Arrow's reader would strip it, csv keeps it
+        return None
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.csv as pacsv

@@ -637,3 +637,17 @@ def test_big_texts_take_the_arrow_path() -> None:
     parsed = parse_csv_columns(text)
     assert not isinstance(parsed.values[0], list)
     assert parsed.table() == parse_csv(text, careful=True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param("\ufeff\ufeffa\r", id="header-only"),
+        pytest.param("\ufeff\ufeffa,b\r\n1,2\r\n", id="with-rows"),
+    ],
+)
+def test_a_second_bom_is_kept_by_every_path(text: str) -> None:
+    """Found by Hypothesis: one BOM is the encoding's, a second is the header's text;
+    Arrow's reader would strip it too, so such a text never takes the Arrow path."""
+    assert_same_table(text)
+    assert parse_csv(text, None, careful=True).columns[0].original.startswith("\ufeff")
