@@ -171,3 +171,24 @@ def test_hook_token_lifecycle(db_url: str, engine: Engine, tmp_path: Path) -> No
         assert revoked.output.strip() == "revoked 2 token(s) of pricing"
         assert status(first["auth"]) == status(second["auth"]) == 401
     assert [hook for hook, *_ in stored(engine)] == ["pricing"] * 3  # the 401s stored nothing
+
+
+def test_settle_heap_freezes_what_exists_and_collects_first() -> None:
+    """What `serve` calls after building its app: garbage is collected, survivors frozen."""
+    import gc
+
+    from receiver.app import settle_heap
+
+    class Cycle:
+        other: object = None
+
+    a, b = Cycle(), Cycle()
+    a.other, b.other = b, a
+    del a, b  # garbage in a cycle: only the collector can free it
+    gc.unfreeze()
+    try:
+        settle_heap()
+        assert gc.get_freeze_count() > 0
+        assert not any(type(o) is Cycle for o in gc.get_objects())  # collected, not frozen
+    finally:
+        gc.unfreeze()

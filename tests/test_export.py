@@ -96,6 +96,11 @@ def parquet_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
+def snapshot(out: Path) -> tuple[list[str], bytes]:
+    """Every file a reader could see, and the manifest's exact bytes."""
+    return parquet_files(out), (out / "_manifest.json").read_bytes()
+
+
 def check_readback(engine: Engine, out: Path) -> dict[str, int]:
     """Every dataset read back by pyarrow, DuckDB and pandas equals the database."""
     counts = {}
@@ -266,8 +271,7 @@ def test_an_interrupted_export_leaves_no_visible_file(
 ) -> None:
     post_cases(client, engine, CASES[:3])
     export(engine, str(out), lag=NOW)
-    visible = parquet_files(out)
-    manifest = (out / "_manifest.json").read_bytes()
+    before = snapshot(out)
     post_cases(client, engine, CASES[3:])
     post_items(client, engine, [{"sku": "A"}])
 
@@ -283,8 +287,7 @@ def test_an_interrupted_export_leaves_no_visible_file(
     monkeypatch.setattr(pq.ParquetWriter, "write_table", failing)
     with pytest.raises(OSError, match="disk full"):
         export(engine, str(out), lag=NOW)
-    assert parquet_files(out) == visible  # no new file, not even a temporary one
-    assert (out / "_manifest.json").read_bytes() == manifest
+    assert snapshot(out) == before  # no new file, not even a temporary one; same manifest
     assert not reader_processes()  # a reader left mid-stream is stopped
 
     monkeypatch.setattr(pq.ParquetWriter, "write_table", real)
@@ -358,14 +361,12 @@ def test_a_failing_sqlite_reader_fails_the_run_and_shows_nothing(
 ) -> None:
     post_cases(client, engine, CASES[:2])
     export(engine, str(out), lag=NOW)
-    visible = parquet_files(out)
-    manifest = (out / "_manifest.json").read_bytes()
+    before = snapshot(out)
     post_cases(client, engine, CASES[2:4])
     monkeypatch.setattr(export_module, "_SQLITE_BATCH_ROWS", -1)  # the child's driver refuses it
     with pytest.raises(ReceiverError, match=r"SQLite reader failed: .*batch_rows"):
         export(engine, str(out), lag=NOW)
-    assert parquet_files(out) == visible
-    assert (out / "_manifest.json").read_bytes() == manifest
+    assert snapshot(out) == before
     assert not reader_processes()
     monkeypatch.undo()
     export(engine, str(out), lag=NOW)
