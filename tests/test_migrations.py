@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Engine, inspect
+from sqlalchemy import Engine, inspect, text
 
-from receiver.db import check_schema
+from receiver.db import alembic_config, check_schema, upgrade
 from receiver.models import Base
 
 
@@ -28,8 +29,6 @@ def test_upgrade_creates_core_tables(engine: Engine) -> None:
 
 
 def test_empty_database_is_refused(tmp_path: object) -> None:
-    import pytest
-
     from receiver.db import create_db_engine
     from receiver.errors import SchemaOutOfDate
     from receiver.settings import Settings
@@ -38,3 +37,29 @@ def test_empty_database_is_refused(tmp_path: object) -> None:
     with pytest.raises(SchemaOutOfDate, match="receiver db upgrade"):
         check_schema(engine)
     engine.dispose()
+
+
+def _compression(engine: Engine) -> dict[tuple[str, str], str]:
+    """PostgreSQL's per-column compression ('' = the server default, pglz)."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            text(
+                "SELECT c.relname, a.attname, a.attcompression FROM pg_attribute a"
+                " JOIN pg_class c ON c.oid = a.attrelid"
+                " WHERE c.relname IN ('deliveries', 'outputs', 'tasks') AND a.attnum > 0"
+            )
+        )
+        return {(r[0], r[1]): r[2] for r in rows}
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_large_columns_use_lz4_on_postgresql(engine: Engine) -> None:
+    """Bodies and outputs compress with lz4 (0004); downgrading puts the default back."""
+    from alembic import command
+
+    wanted = {("deliveries", "body"), ("outputs", "content"), ("tasks", "extra")}
+    assert {k for k, method in _compression(engine).items() if method == "l"} == wanted
+    command.downgrade(alembic_config(engine), "0003")
+    assert set(_compression(engine).values()) <= {"", "\x00"}
+    upgrade(engine)
+    assert {k for k, method in _compression(engine).items() if method == "l"} == wanted
