@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -17,7 +17,7 @@ from receiver import endpoints
 from receiver.auth import Authenticator
 from receiver.db import check_schema, create_db_engine
 from receiver.deadlines import Deadlines
-from receiver.ledger import Ledger, Recorded
+from receiver.ledger import Ledger, RawDelivery, Recorded
 from receiver.logs import DeliveryLine, configure_logging, log_delivery
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
 from receiver.openapi import openapi_document
@@ -38,8 +38,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         busy=lambda: ledger.busy(),
     )
 
-    def committed(results: list[Recorded]) -> None:
-        pipeline.submit(r.delivery_id for r in results if r.status == "stored")
+    def committed(deliveries: Sequence[RawDelivery], results: list[Recorded]) -> None:
+        stored = zip(deliveries, results, strict=True)
+        pipeline.submit_committed(d for d, r in stored if r.status == "stored")
 
     ledger = Ledger(engine, on_committed=committed)
     spool = Spool(settings.data_dir / "spool")

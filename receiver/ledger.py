@@ -92,6 +92,9 @@ class Recorded:
     duplicate_of: str | None = None
 
 
+#: Told what a commit stored: the deliveries and, in the same order, what became of each.
+OnCommitted = Callable[[Sequence[RawDelivery], list[Recorded]], None]
+
 _COLUMNS = """id, hook, received_at, body, body_sha256, body_size, content_type,
     headers, query_string, labels, dedupe_key, first_key, duplicate_of, status"""
 _INSERT = f"INSERT INTO deliveries ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
@@ -255,7 +258,7 @@ class Ledger(QueueWorker[_Item]):
         self,
         engine: Engine,
         *,
-        on_committed: Callable[[list[Recorded]], None] | None = None,
+        on_committed: OnCommitted | None = None,
         max_batch: int = MAX_BATCH,
     ) -> None:
         self.engine = engine
@@ -364,7 +367,7 @@ class Ledger(QueueWorker[_Item]):
         # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
         if self.on_committed is not None:
             try:
-                self.on_committed(results)
+                self.on_committed([d for d, _ in batch], results)
             except Exception:  # processing is best effort: the raw rows are committed
                 log.exception("on_committed hook failed")
         _answer([(w, r) for (_, w), r in zip(batch, results, strict=True)])

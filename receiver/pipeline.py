@@ -12,8 +12,9 @@ import datetime as dt
 import json
 import logging
 import queue
+import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +23,7 @@ from sqlalchemy import Connection, Engine, Row, delete, insert, select, update
 from receiver.classify import Envelope, OutputType, classify
 from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
+from receiver.ledger import RawDelivery
 from receiver.models import Delivery, Hook, Output
 from receiver.results import delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
@@ -32,6 +34,8 @@ log = logging.getLogger("receiver.pipeline")
 
 #: How often a pipeline yielding to ingest looks again.
 YIELD_POLL_SECONDS = 0.05
+#: Bodies of committed deliveries kept in memory until processed (`Pipeline.submit_committed`).
+HELD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -57,26 +61,41 @@ def process_delivery(engine: Engine, delivery_id: str, *, max_depth: int) -> Out
     return outcome
 
 
+#: Every column of a delivery but its body, which is read apart (or not at all).
+_DELIVERY_FIELDS = [c for c in Delivery.__table__.c if c.name != "body"]
+
+
 def process_deliveries(
-    engine: Engine, delivery_ids: Sequence[str], *, max_depth: int
+    engine: Engine,
+    delivery_ids: Sequence[str],
+    *,
+    max_depth: int,
+    bodies: Mapping[str, bytes] | None = None,
 ) -> list[Outcome]:
     """Process several deliveries in one write transaction, one savepoint each.
 
     Parsing happens before the transaction, so the write lock (SQLite) is held
     only for the inserts, and the batch costs one commit instead of one each.
     A delivery that fails rolls back to its savepoint and is quarantined alone.
+    ``bodies`` are bodies already in hand, the very bytes the ledger committed:
+    the rest are read back.
     """
     delivery_ids = list(dict.fromkeys(delivery_ids))  # the same id queued twice is done once
     with engine.connect() as conn:
         found = {
             row.id: row
             for row in conn.execute(
-                select(Delivery.__table__).where(Delivery.id.in_(list(delivery_ids)))
+                select(*_DELIVERY_FIELDS).where(Delivery.id.in_(list(delivery_ids)))
             )
         }
         missing = [i for i in delivery_ids if i not in found]
         if missing:
             raise LookupError(missing[0])
+        bodies = dict(bodies or {})
+        unread = [i for i in delivery_ids if i not in bodies and found[i].status != "duplicate"]
+        if unread:
+            read = conn.execute(select(Delivery.id, Delivery.body).where(Delivery.id.in_(unread)))
+            bodies.update((row.id, row.body) for row in read)
         hooks = {row.hook for row in found.values()}
         registered = {h: expected_output(conn, h) for h in hooks}
         conn.rollback()  # end the read; the writes below run in their own transaction
@@ -90,9 +109,8 @@ def process_deliveries(
                 continue
             expected, _ = registered[delivery.hook]
             try:
-                parsed.append(
-                    (delivery, classify(delivery.body, delivery.content_type, expected=expected))
-                )
+                envelope = classify(bodies[delivery_id], delivery.content_type, expected=expected)
+                parsed.append((delivery, envelope))
             except Quarantine as exc:
                 parsed.append((delivery, exc))
             except Exception as exc:  # a bug in a pure core: keep the delivery, say so
@@ -294,6 +312,7 @@ class Pipeline(QueueWorker[str]):
         busy_batch_size: int = 8,
         max_yield: float = 0.5,
         sweep_seconds: float = 60.0,
+        held_bytes: int = HELD_BYTES,
     ) -> None:
         self.engine = engine
         self.max_depth = max_depth
@@ -304,12 +323,48 @@ class Pipeline(QueueWorker[str]):
         self.busy_batch_size = busy_batch_size
         self.max_yield = max_yield
         self.sweep_seconds = sweep_seconds
+        self.held_bytes = held_bytes
         super().__init__(queue.Queue())
         self._queue: queue.Queue[str | None]
+        self._bodies: dict[str, bytes] = {}
+        self._held = 0
+        self._lock = threading.Lock()
 
     def submit(self, delivery_ids: Iterable[str]) -> None:
         for delivery_id in delivery_ids:
             self._queue.put(delivery_id)
+
+    def submit_committed(self, deliveries: Iterable[RawDelivery]) -> None:
+        """Queue deliveries the ledger has just committed, keeping their bodies in hand.
+
+        Reading a body back costs as much as writing it (16 ms for a 3.3 MB one on
+        PostgreSQL), so up to ``held_bytes`` of bodies wait here for their turn;
+        past that, a body is read back from the ledger as after a restart.
+        """
+        ids = []
+        with self._lock:
+            for delivery in deliveries:
+                size = len(delivery.body)
+                if self._held + size <= self.held_bytes:
+                    self._bodies[delivery.id] = delivery.body
+                    self._held += size
+                ids.append(delivery.id)
+        self.submit(ids)
+
+    def held(self) -> int:
+        """Bytes of bodies in hand, waiting to be processed."""
+        return self._held
+
+    def _bodies_for(self, ids: list[str]) -> dict[str, bytes]:
+        with self._lock:
+            return {i: self._bodies[i] for i in ids if i in self._bodies}
+
+    def _release(self, ids: list[str]) -> None:
+        with self._lock:
+            for delivery_id in ids:
+                body = self._bodies.pop(delivery_id, None)
+                if body is not None:
+                    self._held -= len(body)
 
     def join(self) -> None:
         """Wait until every submitted delivery is processed."""
@@ -361,7 +416,9 @@ class Pipeline(QueueWorker[str]):
 
     def _process(self, ids: list[str]) -> dict[str, str]:
         try:
-            outcomes = process_deliveries(self.engine, ids, max_depth=self.max_depth)
+            outcomes = process_deliveries(
+                self.engine, ids, max_depth=self.max_depth, bodies=self._bodies_for(ids)
+            )
             return {o.delivery_id: o.status for o in outcomes}
         except Exception:
             if len(ids) > 1:  # find the one that breaks the batch; the rest still go through
@@ -386,6 +443,7 @@ class Pipeline(QueueWorker[str]):
             except Exception:
                 log.exception("pipeline batch bookkeeping failed")
             finally:
+                self._release([i for i in batch if i is not None])
                 for _ in batch:
                     self._queue.task_done()
             if None in batch:

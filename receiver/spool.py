@@ -27,7 +27,7 @@ import os
 import struct
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,7 @@ from sqlalchemy import Engine
 
 from receiver.db import is_sqlite
 from receiver.errors import SpoolCorrupt, SpoolUnavailable
-from receiver.ledger import RawDelivery, Recorded, write_deliveries
+from receiver.ledger import OnCommitted, RawDelivery, write_deliveries
 
 log = logging.getLogger("receiver.spool")
 
@@ -201,7 +201,7 @@ class SpoolDrainer:
         spool: Spool,
         engine: Engine,
         *,
-        on_committed: Callable[[list[Recorded]], None] | None = None,
+        on_committed: OnCommitted | None = None,
         batch_size: int = 64,
         idle_seconds: float = 1.0,
         max_pause_seconds: float = 5.0,
@@ -262,7 +262,7 @@ class SpoolDrainer:
         log.info("drained %d spooled deliveries", len(items))
         if self.on_committed is not None:
             try:
-                self.on_committed(results)
+                self.on_committed([d for _, d in items], results)
             except Exception:  # processing is best effort: the raw rows are committed
                 log.exception("on_committed hook failed")
         self.spool.remove([p for p, _ in items])

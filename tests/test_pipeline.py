@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import re
 import time
 
-from sqlalchemy import Engine, insert, select, text
+import pytest
+from sqlalchemy import Engine, event, insert, select, text
 
 from receiver.db import utcnow, write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook, Task
-from receiver.pipeline import Pipeline, process_deliveries
+from receiver.pipeline import HELD_BYTES, Pipeline, process_deliveries
 from tests.conftest import DELIVERIES
 
 FULL = (DELIVERIES / "01-full-response-json.body").read_bytes()
@@ -147,3 +149,49 @@ def test_the_ledger_is_busy_during_a_stream_not_after_one_delivery(engine: Engin
         assert not ledger.busy(within=0.2)  # and it has passed
     finally:
         ledger.stop()
+
+
+_BODY = re.compile(r"\bdeliveries\.body\b")  # not body_sha256 or body_size
+
+
+def _body_reads(engine: Engine) -> list[str]:
+    """Every statement this engine runs from now on that reads ``deliveries.body``."""
+    reads: list[str] = []
+
+    def seen(conn: object, cursor: object, statement: str, *args: object) -> None:
+        if statement.lstrip().upper().startswith("SELECT") and _BODY.search(statement):
+            reads.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    return reads
+
+
+def _deliveries(*bodies: bytes) -> list[RawDelivery]:
+    return [
+        RawDelivery(hook="p", body=b, content_type="application/json", headers=(), query_string="")
+        for b in bodies
+    ]
+
+
+@pytest.mark.parametrize("held_bytes", [HELD_BYTES, len(FULL) + 1, 0])
+def test_committed_bodies_are_processed_from_memory_within_the_budget(
+    engine: Engine, held_bytes: int
+) -> None:
+    """What the ledger just committed is not read back, unless it went past ``held_bytes``."""
+    pipeline = Pipeline(engine, max_depth=5, held_bytes=held_bytes)
+    ledger = Ledger(engine, on_committed=lambda ds, _: pipeline.submit_committed(ds))
+    reads = _body_reads(engine)
+    pipeline.start()
+    ledger.start()
+    try:
+        deliveries = _deliveries(FULL, PING, b"{broken")
+        ledger.record_sync(deliveries)
+        pipeline.join()
+        assert pipeline.held() == 0  # released once processed
+    finally:
+        ledger.stop()
+        pipeline.stop()
+    seen = statuses(engine)
+    assert [seen[d.id][0] for d in deliveries] == ["processed", "processed", "quarantined"]
+    # All in hand: no read. Past the budget: one read, in the batch, of what was not kept.
+    assert len(reads) == (0 if held_bytes == HELD_BYTES else 1), reads
