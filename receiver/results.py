@@ -109,8 +109,12 @@ def load_results(
     received_at: dt.datetime,
     schema: Any,
     max_depth: int,
+    held: HeldInserts | None = None,
 ) -> int:
-    """Insert the rows of ``output``; returns how many rows were written."""
+    """Insert the rows of ``output``; returns how many rows were written.
+
+    Given ``held``, small inserts wait there for the caller's `HeldInserts.flush`.
+    """
     if output.type == OutputType.TEXT:
         return 0
     catalog = catalog_for(conn, hook)
@@ -119,9 +123,9 @@ def load_results(
     with _collector_paused(len(output.text)):
         if output.type == OutputType.JSON:
             validate(output.value, schema)
-            return _load_json(conn, catalog, output, system, max_depth)
+            return _load_json(conn, catalog, output, system, max_depth, held)
         expected = schema if isinstance(schema, list) else None
-        return _load_csv(conn, catalog, output.text, system, expected)
+        return _load_csv(conn, catalog, output.text, system, expected, held)
 
 
 @contextlib.contextmanager
@@ -204,11 +208,16 @@ _FITTING: dict[ColumnType, frozenset[type]] = {
 
 
 def _load_json(
-    conn: Connection, catalog: Catalog, output: Output, system: Row, max_depth: int
+    conn: Connection,
+    catalog: Catalog,
+    output: Output,
+    system: Row,
+    max_depth: int,
+    held: HeldInserts | None,
 ) -> int:
     records = flat_records(output.value)
     if records is not None:
-        written = _load_records(conn, catalog, records, system)
+        written = _load_records(conn, catalog, records, system, held)
         if written is not None:
             return written
     flat_tables = flatten(output.value, max_depth=max_depth)
@@ -232,12 +241,16 @@ def _load_json(
             "_list_index": [row.list_index for row in flat.rows],
         }
         _note_negative_zeros(catalog, info, cells)
-        written += _insert(conn, info, cells, system, system_cells)
+        written += _insert(conn, info, cells, system, system_cells, held)
     return written
 
 
 def _load_records(
-    conn: Connection, catalog: Catalog, records: FlatRecords, system: Row
+    conn: Connection,
+    catalog: Catalog,
+    records: FlatRecords,
+    system: Row,
+    held: HeldInserts | None,
 ) -> int | None:
     """`_load_json` for a top-level array of flat objects, whole columns at a time.
 
@@ -265,7 +278,8 @@ def _load_records(
         cells.set_column(info.columns[keys[key]][0], records.values[key])
     rows = range(records.count)
     _note_negative_zeros(catalog, info, cells)
-    return _insert(conn, info, cells, system, {"_row_index": rows, "_list_index": rows})
+    system_cells = {"_row_index": rows, "_list_index": rows}
+    return _insert(conn, info, cells, system, system_cells, held)
 
 
 #: The catalog key of `_originals` in tables of JSON rows: not a list of strings, so no
@@ -368,7 +382,12 @@ def _has_nul(texts: Iterable[str | None]) -> bool:
 
 
 def _load_csv(
-    conn: Connection, catalog: Catalog, text: str, system: Row, expected: list[str] | None
+    conn: Connection,
+    catalog: Catalog,
+    text: str,
+    system: Row,
+    expected: list[str] | None,
+    held: HeldInserts | None,
 ) -> int:
     parsed = parse_csv_columns(text, expected_columns=expected)
     info = catalog.table((), None, None)
@@ -434,7 +453,7 @@ def _load_csv(
         if index:
             place_row(index, remaining)
     system_cells: dict[str, Sequence[Any]] = {"_row_index": range(count)}
-    return _insert(conn, info, cells, system, system_cells)
+    return _insert(conn, info, cells, system, system_cells, held)
 
 
 def _first_cell(parsed: CsvColumns, i: int) -> Cell:
@@ -458,11 +477,57 @@ def _insert(
     cells: _Cells,
     system: Row,
     system_cells: Mapping[str, Sequence[Any]],
+    held: HeldInserts | None,
 ) -> int:
     """Insert a batch given column by column; the system values are the same on every row."""
     everything = {**cells.columns, **cells.whole, **system_cells}
-    insert_columns(conn, info.sqla_table(), cells.rows, everything, system)
+    table = info.sqla_table()
+    if held is None or not held.hold(table, cells.rows, everything, system):
+        insert_columns(conn, table, cells.rows, everything, system)
     return cells.rows
+
+
+class HeldInserts:
+    """Small inserts into result tables, held until `flush` and then made one per table.
+
+    A batch of small deliveries then costs one statement per table instead of one
+    per delivery and table (on PostgreSQL each is a round trip). Big inserts go at
+    once: they gain nothing. Result tables have no foreign keys, so the order in
+    which tables are flushed does not matter; columns are only ever added, so the
+    latest `Table` of a name holds every column of the earlier ones.
+    """
+
+    def __init__(self, max_rows: int = COPY_THRESHOLD) -> None:
+        self.max_rows = max_rows
+        self._tables: dict[str, tuple[Table, list[_Rows]]] = {}
+
+    def hold(
+        self, table: Table, count: int, columns: Mapping[str, Values], constants: Mapping[str, Any]
+    ) -> bool:
+        """Keep this insert for `flush`; False (keeping nothing) if it should go at once."""
+        if count > self.max_rows or not all(isinstance(v, Sequence) for v in columns.values()):
+            return False
+        _, parts = self._tables.get(table.name, (table, []))
+        parts.append(_Rows([], count, columns, constants))
+        self._tables[table.name] = (table, parts)
+        return True
+
+    def flush(self, conn: Connection) -> None:
+        """Insert everything held, one `insert_columns` per table."""
+        tables, self._tables = self._tables, {}
+        for table, parts in tables.values():
+            names: dict[str, list[Any]] = {}
+            for part in parts:
+                names.update((n, []) for n in part.columns)
+                names.update((n, []) for n, v in part.constants.items() if v is not None)
+            for part in parts:
+                for name, merged in names.items():
+                    values = part.columns.get(name)
+                    if isinstance(values, Sequence):  # as `hold` made sure
+                        merged.extend(values)
+                    else:
+                        merged.extend(itertools.repeat(part.constants.get(name), part.count))
+            insert_columns(conn, table, sum(p.count for p in parts), names, {})
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
