@@ -210,3 +210,39 @@ class RollupDelta(RollupMeasures, Base):
     day: Mapped[dt.date] = mapped_column(Date)
     hook: Mapped[str] = mapped_column(Text)
     status_key: Mapped[str] = mapped_column(Text)
+
+
+class RollupLabel(RollupMeasures, Base):
+    """Task measures per UTC day, hook, status and label, kept current by triggers on ``tasks``.
+
+    Read it through the ``cost_by_label`` view (migration 0005): a task counts
+    once under each of its labels; ``status_key`` is as in `RollupDaily` and
+    ``label_value_key`` likewise ``'=' || value``, or ``''`` for a JSON null.
+    """
+
+    __tablename__ = "rollup_label"
+
+    day: Mapped[dt.date] = mapped_column(Date, primary_key=True)
+    hook: Mapped[str] = mapped_column(Text, primary_key=True)
+    status_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    label_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    label_value_key: Mapped[str] = mapped_column(Text, primary_key=True)
+
+
+class RollupLabelDelta(RollupMeasures, Base):
+    """PostgreSQL only (empty on SQLite): changes to `RollupLabel` not yet folded in.
+
+    Appended by statement triggers for the same reason as `RollupDelta`, and
+    moved by the same `receiver.rollups.fold`.
+    """
+
+    __tablename__ = "rollup_label_delta"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    day: Mapped[dt.date] = mapped_column(Date)
+    hook: Mapped[str] = mapped_column(Text)
+    status_key: Mapped[str] = mapped_column(Text)
+    label_key: Mapped[str] = mapped_column(Text)
+    label_value_key: Mapped[str] = mapped_column(Text)

@@ -2,11 +2,11 @@
 
 The views group ``tasks`` by the UTC day the receiver first heard of a task,
 its hook and status; ``cost_by_label`` also by each query-string label.
-``cost_by_label`` (migration 0002) groups ``tasks`` on each read;
-``cost_daily`` (migration 0003) reads ``rollup_daily``, which triggers on
-``tasks`` keep current (plus, on PostgreSQL, the ``rollup_delta`` rows not yet
-folded in by `fold`), so it answers in milliseconds however many tasks there
-are, and a BI tool reading it needs no refresh job.
+``cost_daily`` (migration 0003) reads ``rollup_daily`` and ``cost_by_label``
+(migration 0005) reads ``rollup_label``, which triggers on ``tasks`` keep
+current (plus, on PostgreSQL, the ``rollup_delta`` / ``rollup_label_delta``
+rows not yet folded in by `fold`), so both answer in milliseconds however many
+tasks there are, and a BI tool reading them needs no refresh job.
 
 A task is one row of ``tasks``, so redeliveries never count twice; failed
 tasks count (they cost money); a task whose cost is unknown is counted in
@@ -71,26 +71,40 @@ _SUMS = (
     *(f"known_{m}" for m in MEASURES[2:]),
     *MEASURES[2:],
 )
-_FOLD = f"""WITH moved AS (DELETE FROM rollup_delta RETURNING *)
-INSERT INTO rollup_daily (day, hook, status_key, {", ".join(_SUMS)})
-SELECT day, hook, status_key, {", ".join(f"sum({c})" for c in _SUMS)}
-FROM moved GROUP BY day, hook, status_key
-ON CONFLICT (day, hook, status_key) DO UPDATE SET
-{", ".join(f"{c} = rollup_daily.{c} + excluded.{c}" for c in _SUMS)}"""
+
+
+def _fold_sql(rollup: str, delta: str, key: Sequence[str]) -> str:
+    """Move the committed rows of ``delta`` into ``rollup``, summed per ``key``."""
+    keys = ", ".join(key)
+    return f"""WITH moved AS (DELETE FROM {delta} RETURNING *)
+INSERT INTO {rollup} ({keys}, {", ".join(_SUMS)})
+SELECT {keys}, {", ".join(f"sum({c})" for c in _SUMS)}
+FROM moved GROUP BY {keys}
+ON CONFLICT ({keys}) DO UPDATE SET
+{", ".join(f"{c} = {rollup}.{c} + excluded.{c}" for c in _SUMS)}"""
+
+
+_DAILY_KEY = ("day", "hook", "status_key")
+_FOLDS = (
+    _fold_sql("rollup_daily", "rollup_delta", _DAILY_KEY),
+    _fold_sql("rollup_label", "rollup_label_delta", (*_DAILY_KEY, "label_key", "label_value_key")),
+)
 
 
 def fold(engine: Engine) -> None:
-    """Move PostgreSQL's pending ``rollup_delta`` rows into ``rollup_daily`` (SQLite: no-op).
+    """Move PostgreSQL's pending ``rollup_delta`` and ``rollup_label_delta`` rows into
+    ``rollup_daily`` and ``rollup_label`` (SQLite: no-op).
 
-    ``cost_daily`` is correct either way; folding keeps the pending rows few, so
-    it stays fast. Rows of transactions not yet committed stay for the next
+    The views are correct either way; folding keeps the pending rows few, so
+    they stay fast. Rows of transactions not yet committed stay for the next
     fold; the advisory lock makes concurrent folds take turns.
     """
     if engine.dialect.name == "sqlite":
         return
     with engine.begin() as conn:
         conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FOLD_LOCK})
-        conn.execute(text(_FOLD))
+        for sql in _FOLDS:
+            conn.execute(text(sql))
 
 
 def parse_grouping(value: str) -> str:
@@ -170,8 +184,7 @@ def costs(
         query = query.where(view.c.day >= since)
     if until is not None:
         query = query.where(view.c.day <= until)
-    if not labels:
-        fold(engine)
+    fold(engine)
     groups: dict[tuple[str | None, ...], CostRow] = {}
     with engine.connect() as conn:
         for row in conn.execute(query).mappings():

@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import sqlite3
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -15,13 +17,13 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, func, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, delete, func, insert, inspect, select, update
 from starlette.testclient import TestClient
 
 from receiver import rollups
 from receiver.cli import main
 from receiver.db import alembic_config, driver_time
-from receiver.models import Base, RollupDelta, Task
+from receiver.models import Base, RollupDelta, RollupLabelDelta, Task
 from receiver.tasks import upsert_task
 from tests.conftest import DELIVERIES, post
 
@@ -180,8 +182,8 @@ def test_costs_command(
         assert "total" in result.output
 
 
-# cost_daily is kept by triggers on tasks (migration 0003): whatever writes tasks, and
-# however, the view must equal a fresh grouping of tasks.
+# cost_daily and cost_by_label are kept by triggers on tasks (migrations 0003 and 0005):
+# whatever writes tasks, and however, each view must equal a fresh grouping of tasks.
 
 _HOOKS = ["alpha", "beta"]
 #: '' and NULL are different statuses and must stay apart.
@@ -195,6 +197,18 @@ _KEYS = [f"k{i}" for i in range(6)]
 _tokens = st.none() | st.integers(min_value=0, max_value=10**12)
 _seconds = st.none() | st.floats(min_value=0, max_value=1e5, allow_nan=False)
 _costs = st.none() | st.sampled_from([0.0, 0.0011, 0.1, 0.2, 0.3, 12.345]) | _seconds
+#: What the receiver writes (a JSON object of strings), and what an analyst might: JSON
+#: nulls, numbers and booleans (read as PostgreSQL's jsonb_each_text gives them, on both
+#: databases), a key with a space, and text that is not an object (counts under no label).
+_label_values = (
+    st.sampled_from(["alpha", "beta", "", "é x"]) | st.none() | st.integers(0, 2) | st.booleans()
+)
+_labels = st.one_of(
+    st.dictionaries(st.sampled_from(["project", "team", "a b"]), _label_values, max_size=3).map(
+        json.dumps
+    ),
+    st.sampled_from(["[]", '["project"]', '"project"']),
+)
 
 
 @st.composite
@@ -220,7 +234,7 @@ def _task_rows(draw: st.DrawFn) -> dict[str, Any]:
         "completed_at": None,
         "first_seen_at": draw(st.sampled_from(_SEEN)),
         "last_delivery_id": draw(st.sampled_from(["d1", "d2"])),
-        "labels": "{}",
+        "labels": draw(_labels),
         "extra": None,
     }
 
@@ -234,10 +248,11 @@ _changes = st.fixed_dictionaries(
         "cost_usd": _costs,
         "input_tokens": _tokens,
         "compute_time_s": _seconds,
+        "labels": _labels,
     },
 )
-#: One statement each: the pipeline's upserts, a multi-row insert, an UPDATE or a
-#: DELETE of every task of a hook (several rows in one statement on PostgreSQL).
+#: One statement each: the pipeline's upserts, a multi-row insert, an UPDATE (of labels
+#: alone too) or a DELETE of every task of a hook (several rows in one statement on PostgreSQL).
 _operations: st.SearchStrategy[tuple[str, Any, Any]] = st.one_of(
     st.tuples(st.just("upsert"), st.lists(_task_rows(), min_size=1, max_size=4), st.just({})),
     st.tuples(
@@ -246,6 +261,10 @@ _operations: st.SearchStrategy[tuple[str, Any, Any]] = st.one_of(
         st.just({}),
     ),
     st.tuples(st.just("update"), st.sampled_from(_HOOKS), _changes),
+    # Labels alone: nothing else grouped or summed moves, the label groups do.
+    st.tuples(
+        st.just("update"), st.sampled_from(_HOOKS), st.fixed_dictionaries({"labels": _labels})
+    ),
     st.tuples(st.just("delete"), st.sampled_from(_HOOKS), st.just({})),
 )
 
@@ -270,19 +289,45 @@ def _day(value: dt.datetime) -> dt.date:
     return (value if value.tzinfo is None else value.astimezone(dt.UTC)).date()
 
 
-def expected_daily(engine: Engine) -> dict[tuple[Any, ...], dict[str, Any]]:
-    """cost_daily computed here from the tasks themselves: exact sums, None when none known."""
+def _label_text(value: Any) -> str | None:
+    """A label value as ``cost_by_label`` shows it: PostgreSQL's ``jsonb_each_text``."""
+    return value if value is None or isinstance(value, str) else json.dumps(value)
+
+
+def _daily_keys(task: Any) -> list[tuple[Any, ...]]:
+    return [(_day(task.first_seen_at), task.hook, task.status)]
+
+
+def _label_keys(task: Any) -> list[tuple[Any, ...]]:
+    """One group per label; text that is not a JSON object has no labels."""
+    labels = json.loads(task.labels)
+    if not isinstance(labels, dict):
+        return []
+    day = _day(task.first_seen_at)
+    return [(day, task.hook, task.status, k, _label_text(v)) for k, v in labels.items()]
+
+
+#: Each rollup view, its key columns and how a task of `tasks` falls into its groups.
+_ROLLUPS = {
+    "cost_daily": (("day", "hook", "status"), _daily_keys),
+    "cost_by_label": (("day", "hook", "status", "label_key", "label_value"), _label_keys),
+}
+
+
+def expected_rollup(engine: Engine, view: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """``view`` computed here from the tasks themselves: exact sums, None when none known."""
+    _, keys_of = _ROLLUPS[view]
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     with engine.connect() as conn:
         tasks = conn.execute(select(Task)).all()
     for t in tasks:
-        key = (_day(t.first_seen_at), t.hook, t.status)
-        group = groups.setdefault(key, {"tasks": 0, "tasks_unknown_cost": 0})
-        group["tasks"] += 1
-        group["tasks_unknown_cost"] += t.cost_usd is None
-        for name in rollups.MEASURES[2:]:
-            values = [*group.get(f"_{name}", []), getattr(t, name)]
-            group[f"_{name}"] = values
+        for key in keys_of(t):
+            group = groups.setdefault(key, {"tasks": 0, "tasks_unknown_cost": 0})
+            group["tasks"] += 1
+            group["tasks_unknown_cost"] += t.cost_usd is None
+            for name in rollups.MEASURES[2:]:
+                values = [*group.get(f"_{name}", []), getattr(t, name)]
+                group[f"_{name}"] = values
     for group in groups.values():
         for name in rollups.MEASURES[2:]:
             known = [v for v in group.pop(f"_{name}") if v is not None]
@@ -291,12 +336,13 @@ def expected_daily(engine: Engine) -> dict[tuple[Any, ...], dict[str, Any]]:
     return groups
 
 
-def assert_cost_daily_matches_tasks(engine: Engine) -> None:
-    expected = expected_daily(engine)
+def assert_rollup_matches_tasks(engine: Engine, view: str = "cost_daily") -> None:
+    """``view`` has one row per group of `expected_rollup`, with its counts and sums."""
+    columns, _ = _ROLLUPS[view]
+    expected = expected_rollup(engine, view)
     with engine.connect() as conn:
-        rows = [dict(r) for r in conn.execute(select(rollups.cost_daily)).mappings()]
-        db_total = conn.scalar(select(func.sum(Task.cost_usd)))
-    actual = {(r.pop("day"), r.pop("hook"), r.pop("status")): r for r in rows}
+        rows = [dict(r) for r in conn.execute(select(rollups.VIEWS[view])).mappings()]
+    actual = {tuple(r.pop(c) for c in columns): r for r in rows}
     assert len(actual) == len(rows)  # one row per group
     assert set(actual) == set(expected)
     for key, want in expected.items():
@@ -306,29 +352,52 @@ def assert_cost_daily_matches_tasks(engine: Engine) -> None:
                 assert got[name] == value, (key, name)
             else:  # float sums: accumulated in write order, never off by more than rounding
                 assert math.isclose(got[name], value, rel_tol=1e-9, abs_tol=1e-9), (key, name)
-    view_total = sum(r["cost_usd"] for r in rows if r["cost_usd"] is not None)
-    assert abs(view_total - float(db_total or 0.0)) < 0.005  # to the cent
+    if view == "cost_daily":
+        with engine.connect() as conn:
+            db_total = conn.scalar(select(func.sum(Task.cost_usd)))
+        view_total = sum(r["cost_usd"] for r in rows if r["cost_usd"] is not None)
+        assert abs(view_total - float(db_total or 0.0)) < 0.005  # to the cent
+
+
+def _view_rows(engine: Engine, view: str) -> dict[tuple[Any, ...], dict[str, Any]]:
+    """The rows of ``view`` by their key columns."""
+    columns, _ = _ROLLUPS[view]
+    with engine.connect() as conn:
+        rows = [dict(r) for r in conn.execute(select(rollups.VIEWS[view])).mappings()]
+    return {tuple(r.pop(c) for c in columns): r for r in rows}
+
+
+def assert_rollups_match_tasks(engine: Engine) -> None:
+    for view in _ROLLUPS:
+        assert_rollup_matches_tasks(engine, view)
+
+
+def _pending(engine: Engine) -> int:
+    """PostgreSQL: delta rows not yet folded (both rollups)."""
+    with engine.connect() as conn:
+        return sum(
+            conn.scalar(select(func.count()).select_from(t)) or 0
+            for t in (RollupDelta, RollupLabelDelta)
+        )
 
 
 @settings(
     max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(operations=st.lists(_operations, max_size=8))
-def test_cost_daily_follows_every_change_to_tasks(
+def test_rollups_follow_every_change_to_tasks(
     engine: Engine, operations: list[tuple[str, Any, Any]]
 ) -> None:
     with engine.begin() as conn:  # each example starts empty, which a delete must give
         conn.execute(delete(Task))
     rollups.fold(engine)
-    assert_cost_daily_matches_tasks(engine)
+    assert_rollups_match_tasks(engine)
     for operation in operations:
         _apply(engine, operation)
-        assert_cost_daily_matches_tasks(engine)
+        assert_rollups_match_tasks(engine)
     rollups.fold(engine)
-    assert_cost_daily_matches_tasks(engine)
-    if engine.dialect.name == "postgresql":
-        with engine.connect() as conn:
-            assert conn.scalar(select(func.count()).select_from(RollupDelta)) == 0
+    assert_rollups_match_tasks(engine)
+    assert _pending(engine) == 0
 
 
 def _bulk_rows(count: int) -> list[dict[str, Any]]:
@@ -342,7 +411,7 @@ def _bulk_rows(count: int) -> list[dict[str, Any]]:
             "cost_usd": None if i % 7 == 0 else i / 1000,
             "first_seen_at": _SEEN[i % len(_SEEN)],
             "last_delivery_id": "d",
-            "labels": "{}",
+            "labels": "{}" if i % 5 == 0 else f'{{"project": "p{i % 3}", "team": "t{i % 2}"}}',
         }
         for i in range(count)
     ]
@@ -372,7 +441,7 @@ def test_bulk_loads_through_the_driver_count(engine: Engine) -> None:
         raw.commit()
     finally:
         raw.close()
-    assert_cost_daily_matches_tasks(engine)
+    assert_rollups_match_tasks(engine)
     assert sum(r.tasks for r in rollups.costs(engine, ["day"])) == 500
 
 
@@ -383,21 +452,23 @@ def test_upgrade_from_0002_backfills_and_downgrade_restores_the_plain_view(
     assert not {"rollup_daily", "rollup_delta"} & set(inspect(engine).get_table_names())
     with engine.begin() as conn:
         conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(200)])
-    assert_cost_daily_matches_tasks(engine)  # the plain view of 0002
+    assert_rollups_match_tasks(engine)  # the plain view of 0002
     command.upgrade(alembic_config(engine), "head")
-    assert_cost_daily_matches_tasks(engine)  # backfilled
+    assert_rollups_match_tasks(engine)  # backfilled
     with engine.begin() as conn:
         conn.execute(update(Task).where(Task.hook == "alpha").values(status="failed"))
-    assert_cost_daily_matches_tasks(engine)  # and kept from then on
+        conn.execute(update(Task).where(Task.hook == "beta").values(labels='{"project": "x"}'))
+    assert_rollups_match_tasks(engine)  # and kept from then on
 
 
 @pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_postgresql_writers_never_wait_on_a_rollup_row(engine: Engine) -> None:
-    """Two open transactions add tasks to the same day, hook and status without blocking;
-    a fold leaves what is not yet committed for the next one."""
+    """Two open transactions add tasks to the same day, hook, status and label without
+    blocking; a fold leaves what is not yet committed for the next one."""
     first, second = _bulk_rows(14)[0], _bulk_rows(14)[10]
-    second |= {"hook": first["hook"], "status": first["status"], "first_seen_at": _SEEN[0]}
-    first |= {"first_seen_at": _SEEN[0]}
+    same = {"first_seen_at": _SEEN[0], "labels": '{"project": "p0"}'}
+    second |= {"hook": first["hook"], "status": first["status"], **same}
+    first |= same
     with engine.connect() as a, engine.connect() as b:
         a.begin()
         upsert_task(a, first | {"extra": None})
@@ -408,10 +479,118 @@ def test_postgresql_writers_never_wait_on_a_rollup_row(engine: Engine) -> None:
         rollups.fold(engine)  # folds b's row; a's is not committed yet
         a.commit()
     with engine.connect() as conn:
-        assert (conn.scalar(select(func.count()).select_from(RollupDelta)) or 0) > 0
-    assert_cost_daily_matches_tasks(engine)
+        for delta in (RollupDelta, RollupLabelDelta):
+            assert (conn.scalar(select(func.count()).select_from(delta)) or 0) > 0
+    assert_rollups_match_tasks(engine)
     rows = rollups.costs(engine, ["day", "hook", "status"])  # folds the rest
     assert [r.tasks for r in rows] == [2]
-    with engine.connect() as conn:
-        assert conn.scalar(select(func.count()).select_from(RollupDelta)) == 0
-    assert_cost_daily_matches_tasks(engine)
+    assert [(r.key, r.tasks) for r in rollups.costs(engine, ["label:project"])] == [(("p0",), 2)]
+    assert _pending(engine) == 0
+    assert_rollups_match_tasks(engine)
+
+
+def test_downgrade_to_0004_restores_the_plain_label_view(engine: Engine) -> None:
+    """0005 round trip: the plain view of 0002 back, then a backfilled rollup kept current."""
+    command.downgrade(alembic_config(engine), "0004")
+    tables = set(inspect(engine).get_table_names())
+    assert not {"rollup_label", "rollup_label_delta"} & tables
+    assert {"rollup_daily", "rollup_delta"} <= tables  # 0003 is left as it was
+    assert "cost_by_label" in inspect(engine).get_view_names()
+    with engine.begin() as conn:
+        conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(300)])
+    assert_rollup_matches_tasks(engine, "cost_by_label")  # the plain view
+    plain = _view_rows(engine, "cost_by_label")
+    command.upgrade(alembic_config(engine), "head")
+    assert_rollup_matches_tasks(engine, "cost_by_label")  # backfilled
+    rolled = _view_rows(engine, "cost_by_label")
+    assert set(rolled) == set(plain)
+    for key, row in plain.items():
+        for name, value in row.items():
+            if isinstance(value, float):
+                assert math.isclose(rolled[key][name], value, rel_tol=1e-9), (key, name)
+            else:  # same types too: counts and token sums are integers on both
+                assert (type(rolled[key][name]), rolled[key][name]) == (type(value), value)
+    with engine.begin() as conn:  # a label changes: the task's sums move from p1 to p9
+        conn.execute(
+            update(Task)
+            .where(Task.labels.contains('"p1"'))
+            .values(labels='{"project": "p9", "team": "t0"}')
+        )
+    moved = {r.key: r.tasks for r in rollups.costs(engine, ["label:project"])}
+    assert ("p1",) not in moved
+    assert moved[("p9",)] == sum(r["tasks"] for k, r in plain.items() if k[3:] == ("project", "p1"))
+    assert_rollups_match_tasks(engine)
+
+
+def _rollup_writes(conn: Connection) -> int:
+    """Rows written so far that a rollup trigger could have written (per connection)."""
+    if conn.dialect.name == "sqlite":
+        raw = conn.connection.dbapi_connection
+        assert isinstance(raw, sqlite3.Connection)
+        return raw.total_changes  # counts the rows triggers write too
+    return sum(
+        conn.scalar(select(func.count()).select_from(t)) or 0
+        for t in (RollupDelta, RollupLabelDelta)
+    )
+
+
+def test_an_update_of_nothing_rolled_up_leaves_the_rollups_alone(engine: Engine) -> None:
+    """A redelivery moves only ``last_delivery_id`` (and rewrites the same labels): no trigger
+    writes a rollup row. Changing the labels does."""
+    with engine.begin() as conn:
+        conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(40)])
+    rollups.fold(engine)
+    with engine.begin() as conn:
+        before = _rollup_writes(conn)
+        same = conn.execute(update(Task).values(last_delivery_id="d9", labels=Task.labels))
+        assert same.rowcount == 40
+        tasks_only = 40 if engine.dialect.name == "sqlite" else 0
+        assert _rollup_writes(conn) - before == tasks_only
+        before = _rollup_writes(conn)
+        conn.execute(update(Task).where(Task.task_key == "bulk1").values(labels='{"a": "b"}'))
+        assert _rollup_writes(conn) - before > (1 if engine.dialect.name == "sqlite" else 0)
+    assert_rollups_match_tasks(engine)
+
+
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
+def test_postgresql_concurrent_writers_and_folds_never_wait_nor_deadlock(engine: Engine) -> None:
+    """Writers on their own tasks, all in the same rollup groups, and folds in between: no
+    statement waits for a lock (``lock_timeout``), and the rollups end equal to the tasks."""
+    errors: list[BaseException] = []
+
+    def writer(n: int) -> None:
+        try:
+            for step in range(15):
+                rows = _bulk_rows(6)
+                with engine.begin() as conn:
+                    conn.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
+                    for i, row in enumerate(rows):
+                        key = f"w{n}-{i}"
+                        labels = f'{{"project": "p{(step + i) % 2}"}}'
+                        upsert_task(
+                            conn,
+                            row
+                            | {"task_key": key, "task_id": key, "labels": labels, "extra": None},
+                        )
+                    conn.execute(
+                        update(Task)
+                        .where(Task.task_key.like(f"w{n}-%"), Task.status.is_(None))
+                        .values(status="completed")
+                    )
+                    if step % 5 == 4:
+                        conn.execute(delete(Task).where(Task.task_key == f"w{n}-0"))
+                if step % 3 == 0:
+                    rollups.fold(engine)
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert not errors, errors
+    assert_rollups_match_tasks(engine)
+    rollups.fold(engine)
+    assert _pending(engine) == 0
+    assert_rollups_match_tasks(engine)
