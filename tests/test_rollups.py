@@ -594,3 +594,20 @@ def test_postgresql_concurrent_writers_and_folds_never_wait_nor_deadlock(engine:
     rollups.fold(engine)
     assert _pending(engine) == 0
     assert_rollups_match_tasks(engine)
+
+
+def test_cost_by_label_follows_an_update_of_task_key(engine: Engine) -> None:
+    """Renaming a task and changing it in one UPDATE moves its sums (cost_by_label only:
+    0003's daily update trigger pairs rows by task_key, so cost_daily misses it on PostgreSQL)."""
+    with engine.begin() as conn:
+        conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(12)])
+        conn.execute(
+            update(Task)
+            .where(Task.task_key.in_(["bulk1", "bulk2"]))
+            .values(task_key=Task.task_key + "x", status="renamed")
+        )
+    assert_rollup_matches_tasks(engine, "cost_by_label")
+    renamed = [
+        r for r in rollups.costs(engine, ["label:project", "status"]) if r.key[1] == "renamed"
+    ]
+    assert sum(r.tasks for r in renamed) == 2
