@@ -27,7 +27,7 @@ from receiver.ledger import RawDelivery
 from receiver.models import Delivery, Hook, Output
 from receiver.results import HeldInserts, delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
-from receiver.tasks import task_ids, task_row, upsert_task
+from receiver.tasks import task_ids, task_row, upsert_tasks
 from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.pipeline")
@@ -195,7 +195,7 @@ _MARK_PROCESSED = (
 
 
 class _Writes:
-    """Outputs, result rows and statuses of processed deliveries, held for `flush`.
+    """Tasks, outputs, result rows and statuses of processed deliveries, held for `flush`.
 
     Written per delivery, they cost a statement each (a round trip each on
     PostgreSQL) and most of a small delivery's processing time; held, a batch
@@ -203,17 +203,20 @@ class _Writes:
     """
 
     def __init__(self) -> None:
+        self.tasks: list[dict[str, Any]] = []
         self.outputs: list[dict[str, Any]] = []
         self.results = HeldInserts()
         self.processed: list[dict[str, Any]] = []
 
     def flush(self, conn: Connection) -> None:
+        if self.tasks:
+            upsert_tasks(conn, self.tasks)
         if self.outputs:
             conn.execute(insert(Output), self.outputs)
         self.results.flush(conn)
         if self.processed:
             conn.execute(_MARK_PROCESSED, self.processed)
-        self.outputs, self.processed = [], []
+        self.tasks, self.outputs, self.processed = [], [], []
 
 
 def _failure(exc: BaseException) -> str:
@@ -284,7 +287,7 @@ def _replace_derived(
     max_depth: int,
     writes: _Writes,
 ) -> None:
-    """Derive what ``delivery`` gives; tasks are written at once, the rest to ``writes``."""
+    """Derive what ``delivery`` gives into ``writes``; only a rerun's deletes go at once."""
     if rerun:
         delete_derived(conn, delivery.id, delivery.hook)
     labels: dict[str, str] = json.loads(delivery.labels)
@@ -296,7 +299,7 @@ def _replace_derived(
         received_at=delivery.received_at,
     )
     if task is not None:
-        upsert_task(conn, task)
+        writes.tasks.append(task)
     session_id, task_id = task_ids(envelope, labels)
     output = envelope.output
     if output is not None:

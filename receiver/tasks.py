@@ -8,8 +8,9 @@ cost, and the merge is one statement, safe under concurrency.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import Connection, case, func
@@ -91,8 +92,33 @@ def task_row(
 
 def upsert_task(conn: Connection, row: Mapping[str, Any]) -> None:
     """Insert the task, or merge ``row`` into it: new values win, missing ones never erase."""
-    insert = insert_for(conn.dialect.name)
-    stmt = insert(Task).values(**row)
+    upsert_tasks(conn, [row])
+
+
+def upsert_tasks(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
+    """`upsert_task` for each row in turn, in as few statements as that allows.
+
+    One statement cannot touch a row twice, so the rows go in rounds: each
+    task's first row in the first, its second in the next, and so on. A round
+    is one executemany (a multi-row statement where the driver allows), so a
+    batch naming each task once costs one statement, and every task still sees
+    its rows in order.
+    """
+    rounds: list[list[Mapping[str, Any]]] = []
+    seen: dict[str, int] = {}
+    for row in rows:
+        turn = seen.get(row["task_key"], 0)
+        seen[row["task_key"]] = turn + 1
+        if turn == len(rounds):
+            rounds.append([])
+        rounds[turn].append(row)
+    for batch in rounds:
+        conn.execute(_upsert(conn.dialect.name), batch)
+
+
+@functools.cache
+def _upsert(dialect: str) -> Any:
+    stmt = insert_for(dialect)(Task)
     excluded = stmt.excluded
     table = Task.__table__.c
     updates: dict[str, Any] = {c: func.coalesce(excluded[c], table[c]) for c in MERGED}
@@ -102,4 +128,4 @@ def upsert_task(conn: Connection, row: Mapping[str, Any]) -> None:
     )
     updates["last_delivery_id"] = excluded.last_delivery_id
     updates["labels"] = case((excluded.labels == "{}", table.labels), else_=excluded.labels)
-    conn.execute(stmt.on_conflict_do_update(index_elements=["task_key"], set_=updates))
+    return stmt.on_conflict_do_update(index_elements=["task_key"], set_=updates)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import itertools
 import json
 import re
@@ -181,9 +182,18 @@ def _body_reads(engine: Engine) -> list[str]:
 
 
 def _deliveries(*bodies: bytes, hook: str = "p") -> list[RawDelivery]:
+    """Deliveries received a millisecond apart, in order (so no two share a time)."""
+    start = utcnow()
     return [
-        RawDelivery(hook=hook, body=b, content_type="application/json", headers=(), query_string="")
-        for b in bodies
+        RawDelivery(
+            hook=hook,
+            body=b,
+            content_type="application/json",
+            headers=(),
+            query_string="",
+            received_at=start + dt.timedelta(milliseconds=i),
+        )
+        for i, b in enumerate(bodies)
     ]
 
 
@@ -253,3 +263,68 @@ def test_a_batch_writes_what_one_at_a_time_writes(engine: Engine, docs: list[obj
     for delivery_id in alone:
         process_deliveries(engine, [delivery_id], max_depth=3)
     assert _derived(engine, f"b{n}", together) == _derived(engine, f"a{n}", alone)
+
+
+def _task_bodies() -> list[tuple[bytes, str]]:
+    """Catalogue deliveries that name a task, with the task id they name."""
+    found = []
+    for meta in sorted(DELIVERIES.glob("*.json")):
+        task = json.loads(meta.read_text())["expect"]["task"]
+        if task and task.get("task_id"):
+            found.append((meta.with_suffix(".body").read_bytes(), task["task_id"]))
+    return found
+
+
+TASK_BODIES = _task_bodies()
+
+
+def _tasks(engine: Engine, prefix: str, ids: list[str]) -> list[tuple[object, ...]]:
+    """The tasks named ``prefix``-*, with delivery ids and times as positions in ``ids``."""
+    position = {delivery_id: i for i, delivery_id in enumerate(ids)}
+    with engine.connect() as conn:
+        times = select(Delivery.received_at, Delivery.id).where(Delivery.id.in_(ids))
+        received = {r.received_at: r.id for r in conn.execute(times)}
+        rows = conn.execute(select(Task.__table__).where(Task.task_id.startswith(prefix)))
+        out = []
+        for row in rows.mappings():
+            task = dict(row)
+            task["hook"] = task["hook"] == prefix.rstrip("-")
+            task |= {k: v.replace(prefix, "") for k, v in task.items() if isinstance(v, str)}
+            task["first_seen_at"] = position[received[task["first_seen_at"]]]
+            task["last_delivery_id"] = position[task["last_delivery_id"]]
+            out.append(tuple(sorted(task.items())))
+    return sorted(out, key=repr)
+
+
+@hsettings(
+    max_examples=20,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.lists(
+        st.tuples(st.integers(0, len(TASK_BODIES) - 1), st.sampled_from(["x", "y"])),
+        min_size=2,
+        max_size=8,
+    )
+)
+def test_a_batch_upserts_tasks_as_one_at_a_time_does(
+    engine: Engine, picks: list[tuple[int, str]]
+) -> None:
+    """A task named twice in a batch (a record, then a ping...) merges as it would alone."""
+    n = next(_batch_hooks)
+
+    def bodies(prefix: str) -> list[bytes]:
+        return [
+            TASK_BODIES[i][0].replace(TASK_BODIES[i][1].encode(), f"{prefix}{task}".encode())
+            for i, task in picks
+        ]
+
+    together = store(engine, *bodies(f"b{n}-"), hook=f"b{n}")
+    alone = store(engine, *bodies(f"a{n}-"), hook=f"a{n}")
+    process_deliveries(engine, together, max_depth=3)
+    for delivery_id in alone:
+        process_deliveries(engine, [delivery_id], max_depth=3)
+    expected = _tasks(engine, f"a{n}-", alone)
+    assert expected  # the catalogue's tasks were found and renamed
+    assert _tasks(engine, f"b{n}-", together) == expected
