@@ -137,13 +137,17 @@ def table(results: dict[str, Any]) -> str:
                 f" | {_cell(b['peak_rss_mb'])} | - | < 300, flat |"
             )
     for dialect, r in results.get("rollups", {}).items():
-        v = r["receiver"]
-        shown = v if isinstance(v, str) else f"{v['seconds']} s"
-        lines.append(
-            f"| costs --by day, {r['rows']} tasks | {dialect} | {shown}"
-            f" | bare GROUP BY {r['bare_group_by_s']} s; CLI start {r['cli_startup_s']} s"
-            " | - | < 1 s |"
-        )
+        for by, key, bare in (
+            ("day", "receiver", "bare_group_by_s"),
+            (f"label:{rollups.LABEL}", "receiver_by_label", "bare_label_group_by_s"),
+        ):
+            v = r.get(key, "not measured")
+            shown = v if isinstance(v, str) else f"{v['seconds']} s"
+            lines.append(
+                f"| costs --by {by}, {r['rows']} tasks | {dialect} | {shown}"
+                f" | bare GROUP BY {r.get(bare)} s; CLI start {r['cli_startup_s']} s"
+                " | - | < 1 s |"
+            )
     return "\n".join(lines)
 
 

@@ -83,7 +83,6 @@ def measure(db: BenchDatabase, rows: int) -> dict[str, Any]:
         return result | {"receiver": "not available"}
     result["receiver"] = _costs(db, "day")
     result["receiver_by_label"] = by_label = _costs(db, f"label:{LABEL}")
-    # The bench's summary table (bench/__main__.py) shows the day figure; this one is printed.
     shown = by_label if isinstance(by_label, str) else f"{by_label['seconds']} s"
     print(
         f"  costs --by label:{LABEL}, {rows} tasks on {db.dialect}: {shown}"
