@@ -5,19 +5,23 @@ Each is an app factory for ``python -m bench.baseline --factory bench.variants:N
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable
 
 from starlette.applications import Starlette
 
 import receiver.app
+from receiver.ledger import RawDelivery
+from receiver.pipeline import Pipeline
 from receiver.settings import Settings
 
 
-class _IdlePipeline:
-    """Stands in for `receiver.pipeline.Pipeline`: accepts ids and processes nothing."""
+class _IdlePipeline(Pipeline):
+    """`receiver.pipeline.Pipeline` that accepts deliveries and processes nothing.
 
-    def __init__(self, *args: object, **kwargs: object) -> None:
-        pass
+    A subclass, so a method the app starts calling exists here too (the variant
+    must never fail where the receiver does not).
+    """
 
     def start(self) -> None:
         pass
@@ -26,10 +30,12 @@ class _IdlePipeline:
         pass
 
     def submit(self, delivery_ids: Iterable[str]) -> None:
-        for _ in delivery_ids:
-            pass
+        pass
 
-    def submit_unprocessed(self) -> int:
+    def submit_committed(self, deliveries: Iterable[RawDelivery]) -> None:
+        pass
+
+    def submit_unprocessed(self, received_before: dt.datetime | None = None) -> int:
         return 0
 
 
