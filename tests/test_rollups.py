@@ -17,7 +17,7 @@ from alembic.runtime.migration import MigrationContext
 from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from sqlalchemy import Connection, Engine, delete, func, insert, inspect, select, update
+from sqlalchemy import Connection, Engine, case, delete, func, insert, inspect, select, text, update
 from starlette.testclient import TestClient
 
 from receiver import rollups
@@ -266,10 +266,13 @@ _operations: st.SearchStrategy[tuple[str, Any, Any]] = st.one_of(
         st.just("update"), st.sampled_from(_HOOKS), st.fixed_dictionaries({"labels": _labels})
     ),
     st.tuples(st.just("delete"), st.sampled_from(_HOOKS), st.just({})),
+    # An analyst's fix-up: rename every task of a hook, alone or with other changes.
+    st.tuples(st.just("rename"), st.sampled_from(_HOOKS), _changes | st.just({})),
 )
 
 
-def _apply(engine: Engine, operation: tuple[str, Any, Any]) -> None:
+def _apply(engine: Engine, operation: tuple[str, Any, Any], step: int = 0) -> None:
+    """Run ``operation`` in one transaction; a rename appends ``#step``, a key no task has."""
     kind, what, changes = operation
     with engine.begin() as conn:
         if kind == "upsert":
@@ -281,6 +284,9 @@ def _apply(engine: Engine, operation: tuple[str, Any, Any]) -> None:
             conn.execute(insert(Task), what)
         elif kind == "update":
             conn.execute(update(Task).where(Task.hook == what).values(**changes))
+        elif kind == "rename":
+            renamed = Task.task_key + f"#{step}"
+            conn.execute(update(Task).where(Task.hook == what).values(task_key=renamed, **changes))
         else:
             conn.execute(delete(Task).where(Task.hook == what))
 
@@ -392,8 +398,8 @@ def test_rollups_follow_every_change_to_tasks(
         conn.execute(delete(Task))
     rollups.fold(engine)
     assert_rollups_match_tasks(engine)
-    for operation in operations:
-        _apply(engine, operation)
+    for step, operation in enumerate(operations):
+        _apply(engine, operation, step)
         assert_rollups_match_tasks(engine)
     rollups.fold(engine)
     assert_rollups_match_tasks(engine)
@@ -597,8 +603,7 @@ def test_postgresql_concurrent_writers_and_folds_never_wait_nor_deadlock(engine:
 
 
 def test_cost_by_label_follows_an_update_of_task_key(engine: Engine) -> None:
-    """Renaming a task and changing it in one UPDATE moves its sums (cost_by_label only:
-    0003's daily update trigger pairs rows by task_key, so cost_daily misses it on PostgreSQL)."""
+    """Renaming a task and changing it in one UPDATE moves its label sums."""
     with engine.begin() as conn:
         conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(12)])
         conn.execute(
@@ -611,3 +616,129 @@ def test_cost_by_label_follows_an_update_of_task_key(engine: Engine) -> None:
         r for r in rollups.costs(engine, ["label:project", "status"]) if r.key[1] == "renamed"
     ]
     assert sum(r.tasks for r in renamed) == 2
+
+
+#: bulk0 gives up its key and bulk1 takes it, in one statement (a true swap is refused by the
+#: primary key on both databases, mid-statement). No WHERE: both scan in insertion order, so
+#: bulk0 moves first; every other task is rewritten unchanged.
+_TAKEN_OVER = case(
+    (Task.task_key == "bulk0", "bulk0-moved"),
+    (Task.task_key == "bulk1", "bulk0"),
+    else_=Task.task_key,
+)
+
+
+@pytest.mark.parametrize(
+    ("where", "values"),
+    [
+        pytest.param(["bulk3"], {"task_key": "bulk3-renamed"}, id="key-alone"),
+        pytest.param(
+            ["bulk3"],
+            {"task_key": "bulk3-renamed", "status": "renamed"},
+            id="key-and-status",
+        ),
+        pytest.param(
+            ["bulk3", "bulk4"],
+            {
+                "task_key": Task.task_key + "-renamed",
+                "status": "renamed",
+                "cost_usd": 9.5,
+                "first_seen_at": _SEEN[2],
+            },
+            id="two-keys-status-cost-and-day",
+        ),
+        pytest.param(None, {"task_key": _TAKEN_OVER}, id="key-taken-over"),
+        pytest.param(
+            None,
+            {
+                "task_key": _TAKEN_OVER,
+                "status": case((Task.task_key == "bulk1", "renamed"), else_=Task.status),
+            },
+            id="key-taken-over-and-status",
+        ),
+    ],
+)
+def test_cost_daily_follows_an_update_of_task_key(
+    engine: Engine, where: list[str] | None, values: dict[str, Any]
+) -> None:
+    """An UPDATE of task_key, alone or with grouped and summed columns, moves exactly the
+    renamed tasks' sums: the rollups equal a grouping of tasks, before and after a fold."""
+    with engine.begin() as conn:
+        conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(10)])
+    rollups.fold(engine)
+    before = {r.key: r.tasks for r in rollups.costs(engine, ["status"])}
+    with engine.begin() as conn:
+        statement = update(Task).values(**values)
+        if where is not None:
+            statement = statement.where(Task.task_key.in_(where))
+        conn.execute(statement)
+    with engine.connect() as conn:
+        keys = set(conn.scalars(select(Task.task_key)))
+        renamed = conn.scalar(select(func.count()).where(Task.status == "renamed"))
+    assert len(keys) == 10
+    assert keys != {f"bulk{i}" for i in range(10)}
+    assert_rollups_match_tasks(engine)
+    after = {r.key: r.tasks for r in rollups.costs(engine, ["status"])}  # folds
+    assert after.get(("renamed",), 0) == renamed
+    if not renamed:
+        assert after == before
+    assert _pending(engine) == 0
+    assert_rollups_match_tasks(engine)
+
+
+def _update_function(engine: Engine) -> str | None:
+    """PostgreSQL: the source of the daily rollup's update trigger function."""
+    with engine.connect() as conn:
+        source: str | None = conn.scalar(
+            text("SELECT prosrc FROM pg_proc WHERE proname = 'rollup_tasks_update'")
+        )
+    return source
+
+
+def _statuses(engine: Engine) -> dict[str | None, int]:
+    return {r.key[0]: r.tasks for r in rollups.costs(engine, ["status"])}
+
+
+def test_0006_round_trip_and_repair(engine: Engine) -> None:
+    """Below 0006 the function is 0003's own, which pairs rows by task_key and so misses a
+    rename with a status change on PostgreSQL; upgrading rebuilds what it missed."""
+    config = alembic_config(engine)
+    pg = engine.dialect.name == "postgresql"
+    head = _update_function(engine) if pg else None
+    command.downgrade(config, "0005")
+    if pg:
+        restored = _update_function(engine)
+        command.downgrade(config, "0002")
+        command.upgrade(config, "0005")  # 0003 creates its function afresh
+        assert restored == _update_function(engine)
+        assert restored is not None
+        assert "JOIN new_rows AS n ON n.task_key = o.task_key" in restored
+        assert head != restored
+    with engine.begin() as conn:
+        conn.execute(insert(Task), [{"extra": None, **r} for r in _bulk_rows(10)])
+    rollups.fold(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            update(Task)
+            .where(Task.task_key == "bulk1")
+            .values(task_key="bulk1-renamed", status="renamed")
+        )
+    # SQLite's row triggers were right all along; 0003's PostgreSQL function misses it.
+    assert _statuses(engine).get("renamed") == (None if pg else 1)
+    with engine.begin() as conn:  # one more change, left pending for the rebuild
+        conn.execute(update(Task).where(Task.task_key == "bulk2").values(cost_usd=7.25))
+    command.upgrade(config, "head")
+    if pg:
+        assert _update_function(engine) == head
+        with engine.connect() as conn:  # folded into the rebuild
+            assert conn.scalar(select(func.count()).select_from(RollupDelta)) == 0
+    assert_rollups_match_tasks(engine)
+    assert _statuses(engine).get("renamed") == 1
+    with engine.begin() as conn:  # and kept from then on
+        conn.execute(
+            update(Task)
+            .where(Task.task_key == "bulk3")
+            .values(task_key="bulk3-renamed", status="renamed")
+        )
+    assert_rollups_match_tasks(engine)
+    assert _statuses(engine).get("renamed") == 2
