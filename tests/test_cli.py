@@ -192,3 +192,37 @@ def test_settle_heap_freezes_what_exists_and_collects_first() -> None:
         assert not any(type(o) is Cycle for o in gc.get_objects())  # collected, not frozen
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.parametrize("revision", ["base", "0002", "0005"])
+def test_costs_refuses_a_database_not_upgraded(
+    revision: str, db_url: str, engine: Engine, tmp_path: Path
+) -> None:
+    """Below head, ``costs`` says to upgrade (like the app does) instead of a raw SQL error
+    or sums from an older rollup."""
+    from alembic import command
+
+    from receiver.db import alembic_config
+
+    command.downgrade(alembic_config(engine), revision)
+    engine.dispose()
+    result = CliRunner().invoke(
+        main,
+        ["costs", "--by", "status"],
+        env={"RECEIVER_DATABASE_URL": db_url, "RECEIVER_DATA_DIR": str(tmp_path)},
+    )
+    assert result.exit_code == 1, result.output
+    at = "nothing" if revision == "base" else revision
+    assert f"Error: database schema is at {at}, code expects " in result.output
+    assert "run `receiver db upgrade`" in result.output
+    assert result.exception is not None
+    assert isinstance(result.exception, SystemExit)  # a ClickException, not a traceback
+
+    run(db_url, "db", "upgrade")
+    upgraded = CliRunner().invoke(
+        main,
+        ["costs", "--by", "status", "--format", "json"],
+        env={"RECEIVER_DATABASE_URL": db_url, "RECEIVER_DATA_DIR": str(tmp_path)},
+    )
+    assert upgraded.exit_code == 0, upgraded.output
+    assert json.loads(upgraded.output) == []
