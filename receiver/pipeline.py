@@ -72,11 +72,12 @@ def process_deliveries(
     max_depth: int,
     bodies: Mapping[str, bytes] | None = None,
 ) -> list[Outcome]:
-    """Process several deliveries in one write transaction, one savepoint each.
+    """Process several deliveries in one write transaction.
 
     Parsing happens before the transaction, so the write lock (SQLite) is held
-    only for the inserts, and the batch costs one commit instead of one each.
-    A delivery that fails rolls back to its savepoint and is quarantined alone.
+    only for the inserts, and the batch costs one commit instead of one each
+    and one statement per table (`_Writes`). If a delivery fails, the batch is
+    redone with a savepoint each, so that one is quarantined alone.
     ``bodies`` are bodies already in hand, the very bytes the ledger committed:
     the rest are read back.
     """
