@@ -41,6 +41,11 @@ class _IdlePipeline(Pipeline):
 
 def receiver_without_pipeline() -> Starlette:
     """The receiver's HTTP edge and ledger only: what ingest costs with processing deferred."""
-    # Swapped on the module, in this process only: the receiver itself is not edited.
+    # Swapped on the module while the app is built, then put back: the receiver itself is
+    # not edited, and nothing else built in this process (a test suite's apps) is idled.
+    original = receiver.app.Pipeline
     setattr(receiver.app, "Pipeline", _IdlePipeline)  # noqa: B010
-    return receiver.app.create_app(Settings.from_env())
+    try:
+        return receiver.app.create_app(Settings.from_env())
+    finally:
+        setattr(receiver.app, "Pipeline", original)  # noqa: B010

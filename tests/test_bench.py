@@ -9,8 +9,10 @@ import pytest
 from sqlalchemy import create_engine, select
 from starlette.testclient import TestClient
 
+import receiver.app
 from bench.variants import receiver_without_pipeline
 from receiver.models import Delivery
+from receiver.pipeline import Pipeline
 from tests.conftest import TOKEN
 
 
@@ -35,6 +37,7 @@ def test_the_edge_only_variant_stores_and_processes_nothing(
             assert response.status_code == 200, response.text
     receiver_logs.removeHandler(caplog.handler)
     app.state.engine.dispose()
+    assert receiver.app.Pipeline is Pipeline  # apps built after it process as usual
     engine = create_engine(db_url)
     with engine.connect() as conn:
         assert list(conn.scalars(select(Delivery.status))) == ["stored"] * 3
