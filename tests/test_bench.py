@@ -37,7 +37,7 @@ def test_the_edge_only_variant_stores_and_processes_nothing(
             assert response.status_code == 200, response.text
     receiver_logs.removeHandler(caplog.handler)
     app.state.engine.dispose()
-    assert receiver.app.Pipeline is Pipeline  # apps built after it process as usual
+    assert getattr(receiver.app, "Pipeline") is Pipeline  # noqa: B009 - later apps process
     engine = create_engine(db_url)
     with engine.connect() as conn:
         assert list(conn.scalars(select(Delivery.status))) == ["stored"] * 3
