@@ -21,6 +21,7 @@ from sqlalchemy import (
     MetaData,
     String,
     Text,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
@@ -68,6 +69,13 @@ class Delivery(Base):
     __table_args__ = (
         Index("ix_deliveries_hook_received_at", "hook", "received_at"),
         Index("ix_deliveries_status", "status"),
+        # Partial: written when a delivery is processed, never on the ingest path (still NULL).
+        Index(
+            "ix_deliveries_processed_at",
+            "processed_at",
+            postgresql_where=text("processed_at IS NOT NULL"),
+            sqlite_where=text("processed_at IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

@@ -63,3 +63,19 @@ def test_large_columns_use_lz4_on_postgresql(engine: Engine) -> None:
     assert set(_compression(engine).values()) <= {"", "\x00"}
     upgrade(engine)
     assert {k for k, method in _compression(engine).items() if method == "l"} == wanted
+
+
+def test_recently_processed_deliveries_are_found_through_an_index(engine: Engine) -> None:
+    """The export's 'processed since' query uses the partial index on processed_at (0007)."""
+    query = "SELECT id FROM deliveries WHERE processed_at >= :since"
+    with engine.connect() as conn:
+        if engine.dialect.name == "sqlite":
+            plan = " ".join(
+                str(r[-1]) for r in conn.execute(text("EXPLAIN QUERY PLAN " + query), {"since": 0})
+            )
+        else:
+            conn.execute(text("SET LOCAL enable_seqscan = off"))  # the table is empty here
+            plan = " ".join(
+                r[0] for r in conn.execute(text("EXPLAIN " + query), {"since": "2026-01-01"})
+            )
+    assert "ix_deliveries_processed_at" in plan, plan
