@@ -90,7 +90,7 @@ def write_transaction(conn: Connection) -> RootTransaction:
 
 
 def alembic_config(engine: Engine) -> Config:
-    # Alembic is imported where it is used: commands that only read (`costs`) skip its ~0.1 s.
+    # Alembic is imported where it is used (~0.1 s): commands that touch no schema skip it.
     from alembic.config import Config
 
     config = Config()
