@@ -23,19 +23,48 @@ locked: pyarrow has no conditional write to build a lock object on.
 
 Partitions are UTC dates. Deliveries and result rows go by the time their
 delivery was received (``received_at`` / ``_received_at``) and are
-append-only: a run exports the rows received in ``[watermark, until)`` into
-``part-<watermark>.parquet``, so a retried run overwrites what an interrupted
-one left rather than duplicating it. A task goes by ``first_seen_at`` (when
-its first delivery was received), and since later deliveries update a task,
-a run rewrites whole the day partitions of tasks whose last delivery is new
-(``tasks.parquet``); the rollups are rewritten for the same days. ``until``
-stops short of the oldest delivery not yet processed (its rows do not exist
-yet) and of the last ``lag`` seconds (deliveries still being committed).
+append-only but for reprocessing (below): a run exports the rows received in
+``[watermark, until)`` into ``part-<watermark>.parquet``, so a retried run
+overwrites what an interrupted one left rather than duplicating it. A task
+goes by ``first_seen_at`` (when its first delivery was received), and since
+later deliveries update a task, a run rewrites whole the day partitions of
+tasks whose last delivery is new (``tasks.parquet``); the rollups are
+rewritten for the same days. ``until`` stops short of the oldest delivery
+not yet processed (its rows do not exist yet) and of the last ``lag``
+seconds (deliveries still being committed).
+
+Reprocessing (``receiver reprocess``) re-derives the rows of deliveries
+already exported, below the watermarks. Each run records in the manifest the
+``processed_at`` it looked up to (``processed_marks``, per dataset: ``P`` =
+the run's start minus ``lag``); the next run looks up, on the partial index
+over ``deliveries.processed_at``, the deliveries processed in ``[mark, P)``
+and received before the dataset's watermark, and rewrites their UTC days
+whole: for ``deliveries`` and the result tables of their hooks, every row of
+the day received before ``until`` goes into the run's file and the day's
+other files are deleted (a day left with no rows loses its files); for
+``tasks`` and the rollups, the days of those deliveries' tasks.
+``processed_at`` is set before its transaction commits, so the window ends
+``lag`` before the run, as ``until`` does; a processing whose commit takes
+longer than ``lag`` (less however far the receiver's clock is behind the
+exporter's) is missed, the assumption ``until`` makes too. A delivery
+received just before ``until`` and processed just after ``P`` was exported
+as it is: the run records those (``processed_seen``, id and
+``processed_at``, read before the datasets: about the delivery rate times
+the lag) and the next run skips them while their ``processed_at`` is
+unchanged, so ordinary traffic rewrites nothing. A run with nothing
+reprocessed costs two index lookups (measured at 1M deliveries: 0.5 ms on
+SQLite, 2 ms on PostgreSQL; 10,000 reprocessed: 46 ms on either). A manifest
+written before these keys starts the window at the dataset's watermark:
+reprocessing done before then stays unexported (export to a new folder to
+get it).
 
 Files are written under a hidden temporary name (``.<name>.<run>.tmp``,
 ignored by pyarrow and by ``*.parquet`` globs) and renamed only once every
 dataset is written; a failed run deletes its temporary files and leaves the
-manifest as it was.
+manifest as it was. A run that deletes replaced files first writes a journal
+(``DEST/.export-journal.json``: its renames, deletions and new manifest);
+killed after that, its renames may show beside the files they replace, and
+the next run completes the journal before anything else.
 
 Types: integers int64, floats float64 (money too: WebRun reports cost as a
 JSON number and ``tasks.cost_usd`` stores a float, so a decimal would only
@@ -95,6 +124,9 @@ if TYPE_CHECKING:
     from sqlalchemy import types as sqltypes
 
 MANIFEST = "_manifest.json"
+#: A run's commit plan (renames, deletions, manifest), written before its first rename when it
+#: replaces files, and completed by the next run if the run died before finishing it.
+JOURNAL = ".export-journal.json"
 #: The manifest's format: 2 since partitions are ``date_=`` (1 wrote ``date=``).
 FORMAT = 2
 #: The Hive partition key: a name no exported column can have (see the module docstring).
@@ -125,6 +157,8 @@ class Dataset:
     time_column: str
     #: "append": new rows only; "rewrite": whole day partitions, replaced.
     mode: Literal["append", "rewrite"]
+    #: A result table's hook: only its deliveries have rows in it.
+    hook: str | None = None
 
     def schema(self) -> pa.Schema:
         names = [c.name for c in self.table.columns]
@@ -140,6 +174,10 @@ class DatasetReport:
     rows: int = 0
     files: list[dict[str, Any]] = field(default_factory=list)
     since: str | None = None
+    #: Days rewritten whole: deliveries received below the watermark were (re)processed.
+    rewritten: list[str] = field(default_factory=list)
+    #: Files those rewrites replaced, deleted (paths under DEST).
+    replaced: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -205,7 +243,8 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
         ):
             infos[c.table_name].columns[c.source_key] = (c.column_name, ColumnType(c.type))
     out += [
-        Dataset(name, info.sqla_table(), "_received_at", "append") for name, info in infos.items()
+        Dataset(name, info.sqla_table(), "_received_at", "append", info.hook)
+        for name, info in infos.items()
     ]
     out += [Dataset(name, view, "day", "rewrite") for name, view in VIEWS.items()]
     return out
@@ -261,6 +300,7 @@ def export(
 
     fs, root = (filesystem, dest.rstrip("/")) if filesystem is not None else open_destination(dest)
     with destination_lock(fs, root) as locked:
+        complete_journal(fs, root)  # first: it names temporary files still to be renamed
         if locked:
             _delete_temporaries(root)
         run = _Run(engine, fs, root, uuid.uuid4().hex[:12], progress)
@@ -275,38 +315,133 @@ def export(
                 if unknown:
                     raise ValueError(f"no such table to export: {', '.join(unknown)}")
                 chosen = [d for d in chosen if d.name in tables]
+            # Before `until`: every processing that set processed_at < processed_until
+            # has committed by the time the queries below run (the lag's assumption).
+            processed_until = utcnow() - lag
             until = export_until(engine, lag)
             report = ExportReport(run.run_id, until, {})
+            lowers: dict[str, dt.datetime | None] = {}
             for dataset in chosen:
                 mark = manifest["watermarks"].get(dataset.name)
-                lower = max(
+                lowers[dataset.name] = max(
                     [t for t in (since, dt.datetime.fromisoformat(mark) if mark else None) if t],
                     default=None,
                 )
-                if lower is not None and lower >= until:
-                    report.datasets[dataset.name] = DatasetReport(since=lower.isoformat())
+            running = [d for d in chosen if _before(lowers[d.name], until)]
+            names = {d.name for d in running}
+            rewrites = _reprocessed_days(engine, manifest, running, lowers, since, processed_until)
+            seen = _exported_recently(
+                engine, [lowers[d.name] for d in running], until, processed_until
+            )
+            for dataset in chosen:
+                lower = lowers[dataset.name]
+                if dataset.name not in names:
+                    report.datasets[dataset.name] = DatasetReport(
+                        since=None if lower is None else lower.isoformat()
+                    )
                     continue
-                report.datasets[dataset.name] = run.dataset(dataset, lower, until)
-            run.commit()
+                report.datasets[dataset.name] = run.dataset(
+                    dataset, lower, until, rewrites.get(dataset.name, set()), since
+                )
+            run.close_readers()
+            replaced = run.replaced_files(chosen, report)
+            for name in report.datasets:
+                manifest["watermarks"][name] = until.isoformat()
+            marks = manifest.setdefault("processed_marks", {})
+            for dataset in running:
+                marks[dataset.name] = processed_until.isoformat()
+            manifest["processed_seen"] = {"at": processed_until.isoformat(), "deliveries": seen}
+            manifest["runs"].append(
+                {
+                    "run_id": run.run_id,
+                    "started_at": started.isoformat(),
+                    "finished_at": utcnow().isoformat(),
+                    "until": until.isoformat(),
+                    "datasets": {name: _run_entry(r) for name, r in report.datasets.items()},
+                }
+            )
+            plan = {
+                "run_id": run.run_id,
+                "renames": [
+                    [_relative(root, s.temporary), _relative(root, s.final)] for s in run.staged
+                ],
+                "deletions": [_relative(root, path) for path in replaced],
+                "manifest": manifest,
+            }
+            if replaced:  # a crash between renames and deletions would show both: journal it
+                run.write_atomically(f"{root}/{JOURNAL}", json.dumps(plan).encode())
         except BaseException:
             run.abort()
             raise
-        for name in report.datasets:
-            manifest["watermarks"][name] = until.isoformat()
-        manifest["runs"].append(
-            {
-                "run_id": run.run_id,
-                "started_at": started.isoformat(),
-                "finished_at": utcnow().isoformat(),
-                "until": until.isoformat(),
-                "datasets": {
-                    name: {"since": r.since, "rows": r.rows, "files": r.files}
-                    for name, r in report.datasets.items()
-                },
-            }
-        )
-        run.write_atomically(f"{root}/{MANIFEST}", json.dumps(manifest, indent=2).encode())
+        _apply(fs, root, plan, run.run_id)
         return report
+
+
+def _run_entry(report: DatasetReport) -> dict[str, Any]:
+    entry: dict[str, Any] = {"since": report.since, "rows": report.rows, "files": report.files}
+    if report.rewritten:
+        entry["rewritten"] = report.rewritten
+    if report.replaced:
+        entry["replaced"] = report.replaced
+    return entry
+
+
+def _before(lower: dt.datetime | None, until: dt.datetime) -> bool:
+    """Whether a dataset starting at ``lower`` has rows to export before ``until``."""
+    return lower is None or lower < until
+
+
+def _relative(root: str, path: str) -> str:
+    return path.removeprefix(root + "/")
+
+
+def complete_journal(fs: pafs.FileSystem, root: str) -> bool:
+    """Finish the commit of a run that died after writing its journal; whether there was one."""
+    import pyarrow.fs as pafs
+
+    path = f"{root}/{JOURNAL}"
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return False
+    with fs.open_input_stream(path) as stream:
+        plan: dict[str, Any] = json.loads(stream.read())
+    _apply(fs, root, plan, uuid.uuid4().hex[:12])
+    return True
+
+
+def _apply(fs: pafs.FileSystem, root: str, plan: dict[str, Any], run_id: str) -> None:
+    """Renames, then deletions, then the manifest, then the journal goes: each step redoable."""
+    import pyarrow.fs as pafs
+
+    for temporary, final in plan["renames"]:
+        source = f"{root}/{temporary}"
+        if fs.get_file_info(source).type != pafs.FileType.NotFound:
+            fs.move(source, f"{root}/{final}")
+        elif fs.get_file_info(f"{root}/{final}").type == pafs.FileType.NotFound:
+            raise ReceiverError(f"{root}/{JOURNAL}: {temporary} and {final} are both missing")
+    _delete_replaced(fs, [f"{root}/{p}" for p in plan["deletions"]])
+    _write_atomically(
+        fs, f"{root}/{MANIFEST}", json.dumps(plan["manifest"], indent=2).encode(), run_id
+    )
+    if plan["deletions"]:
+        fs.delete_file(f"{root}/{JOURNAL}")
+
+
+def _delete_replaced(fs: pafs.FileSystem, paths: list[str]) -> None:
+    """Delete the files rewritten days replaced (already gone: deleted by an earlier try)."""
+    import pyarrow.fs as pafs
+
+    for path in paths:
+        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+            fs.delete_file(path)
+
+
+def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes, run_id: str) -> None:
+    directory, name = path.rsplit("/", 1)
+    temporary = f"{directory}/.{name}.{run_id}.tmp"
+    fs.create_dir(directory, recursive=True)
+    with fs.open_output_stream(temporary) as stream:
+        stream.write(data)
+    fs.move(temporary, path)
 
 
 @contextlib.contextmanager
@@ -347,10 +482,11 @@ def _delete_temporaries(root: str) -> None:
     """Delete what runs that died left staged (only safe while holding the lock).
 
     Only this module's names are touched: ``.<file>.<run id>.tmp`` in the
-    partition folders, and the manifest's in ``root``.
+    partition folders, and the manifest's and the journal's in ``root``.
     """
     doomed = glob.glob(os.path.join(glob.escape(root), f"*/{PARTITION_KEY}=*/.*.parquet.*.tmp"))
     doomed += glob.glob(os.path.join(glob.escape(root), f".{MANIFEST}.*.tmp"))
+    doomed += glob.glob(os.path.join(glob.escape(root), f".{JOURNAL}.*.tmp"))
     for path in doomed:
         if _TEMPORARY.fullmatch(os.path.basename(path)):
             with contextlib.suppress(FileNotFoundError):
@@ -372,6 +508,168 @@ def export_until(engine: Engine, lag: dt.timedelta) -> dt.datetime:
     if pending is not None:
         until = min(until, _aware(pending))
     return until
+
+
+def _reprocessed_days(
+    engine: Engine,
+    manifest: dict[str, Any],
+    running: list[Dataset],
+    lowers: dict[str, dt.datetime | None],
+    since: dt.datetime | None,
+    processed_until: dt.datetime,
+) -> dict[str, set[str]]:
+    """Per dataset, the UTC days to rewrite: where deliveries it exported were (re)processed since.
+
+    A dataset's window of ``processed_at`` runs from the mark its last run recorded
+    (an older manifest: its watermark) to ``processed_until``; deliveries the last run
+    exported in their current state (same ``processed_at``) do not count. One query, on
+    the partial index over ``processed_at``.
+    """
+    from sqlalchemy import select
+
+    from receiver.models import Delivery
+
+    marks: dict[str, str] = manifest.get("processed_marks", {})
+    seen_state: dict[str, Any] = manifest.get("processed_seen") or {}
+    seen: dict[str, str] = seen_state.get("deliveries", {})
+    windows: dict[str, tuple[dt.datetime, dt.datetime, bool]] = {}
+    for dataset in running:
+        lower = lowers[dataset.name]
+        mark = marks.get(dataset.name) or manifest["watermarks"].get(dataset.name)
+        if lower is None or dataset.name not in manifest["watermarks"] or mark is None:
+            continue  # nothing exported yet: this run writes every day it has
+        applies = seen_state.get("at") is not None and seen_state.get("at") == marks.get(
+            dataset.name
+        )
+        windows[dataset.name] = (dt.datetime.fromisoformat(mark), lower, applies)
+    if not windows:
+        return {}
+    first = min(w[0] for w in windows.values())
+    below = max(w[1] for w in windows.values())
+    if first >= processed_until:
+        return {}
+    query = select(Delivery.id, Delivery.hook, Delivery.received_at, Delivery.processed_at).where(
+        Delivery.processed_at >= first,
+        Delivery.processed_at < processed_until,
+        Delivery.received_at < below,
+    )
+    if since is not None:  # rows before it are not this destination's
+        query = query.where(Delivery.received_at >= since)
+    with engine.connect() as conn:
+        found = [
+            (r.id, r.hook, _aware(r.received_at), _aware(r.processed_at))
+            for r in conn.execute(query)
+        ]
+    out: dict[str, set[str]] = {}
+    task_days: dict[frozenset[str], set[str]] = {}  # tasks and the rollups ask alike
+    for dataset in running:
+        if dataset.name not in windows or not found:
+            continue
+        start, lower, applies = windows[dataset.name]
+        picked = [
+            (id_, received)
+            for id_, hook, received, processed in found
+            if processed >= start
+            and received < lower
+            and (dataset.hook is None or hook == dataset.hook)
+            and not (applies and seen.get(id_) == processed.isoformat())
+        ]
+        if not picked:
+            continue
+        if dataset.mode == "append":
+            out[dataset.name] = {received.date().isoformat() for _, received in picked}
+        else:  # tasks and the rollups: the days of those deliveries' tasks
+            ids = frozenset(id_ for id_, _ in picked)
+            if ids not in task_days:
+                task_days[ids] = _task_days(engine, ids)
+            days = task_days[ids]
+            if days:
+                out[dataset.name] = days
+    return out
+
+
+def _exported_recently(
+    engine: Engine,
+    lowers: list[dt.datetime | None],
+    until: dt.datetime,
+    processed_until: dt.datetime,
+) -> dict[str, str]:
+    """Deliveries every running dataset exports in full, processed at or after ``processed_until``.
+
+    Recorded so the next run, whose window starts there, does not take them for
+    reprocessed: read before the datasets, so a later processing shows as a new
+    ``processed_at``. Few: about the delivery rate times the lag.
+    """
+    from sqlalchemy import select
+
+    from receiver.models import Delivery
+
+    if not lowers:
+        return {}
+    query = select(Delivery.id, Delivery.processed_at).where(
+        Delivery.processed_at >= processed_until, Delivery.received_at < until
+    )
+    known = [lower for lower in lowers if lower is not None]
+    if known:
+        query = query.where(Delivery.received_at >= max(known))
+    with engine.connect() as conn:
+        return {r.id: _aware(r.processed_at).isoformat() for r in conn.execute(query)}
+
+
+def _task_day(engine: Engine) -> Any:
+    """A task's ``first_seen_at`` UTC day as ``YYYY-MM-DD`` text, in SQL."""
+    from sqlalchemy import func
+
+    from receiver.models import Task
+
+    if engine.dialect.name == "sqlite":
+        return func.substr(Task.first_seen_at, 1, 10)
+    return func.to_char(func.timezone("UTC", Task.first_seen_at), "YYYY-MM-DD")
+
+
+#: Delivery ids per ``IN`` list when looking up their tasks.
+_IDS_PER_QUERY = 500
+
+
+def _task_days(engine: Engine, delivery_ids: frozenset[str]) -> set[str]:
+    """Days of the tasks these deliveries last updated or now belong to."""
+    from sqlalchemy import and_, select, union
+
+    from receiver.models import Delivery, Task
+
+    day = _task_day(engine)
+    ids = sorted(delivery_ids)
+    out: set[str] = set()
+    with engine.connect() as conn:
+        for i in range(0, len(ids), _IDS_PER_QUERY):
+            chunk = ids[i : i + _IDS_PER_QUERY]
+            last = select(day).where(Task.last_delivery_id.in_(chunk))
+            owner = (
+                select(day)
+                .select_from(Task)
+                .join(Delivery, and_(Delivery.hook == Task.hook, Delivery.task_id == Task.task_id))
+                .where(Delivery.id.in_(chunk))
+            )
+            out.update(conn.scalars(union(last, owner)))
+    return out
+
+
+def _day_ranges(days: set[str]) -> list[tuple[dt.date, dt.date]]:
+    """``days`` as runs of consecutive days, first and last of each."""
+    ranges: list[tuple[dt.date, dt.date]] = []
+    for day in sorted(dt.date.fromisoformat(d) for d in days):
+        if ranges and ranges[-1][1] + dt.timedelta(days=1) == day:
+            ranges[-1] = (ranges[-1][0], day)
+        else:
+            ranges.append((day, day))
+    return ranges
+
+
+def _day_start(day: dt.date, dataset: Dataset) -> dt.datetime | dt.date:
+    """The bound a day starts at in the dataset's time column (a date for the rollups)."""
+    if dataset.time_column == "day":
+        return day
+    return dt.datetime.combine(day, dt.time(), dt.UTC)
 
 
 def _aware(value: dt.datetime) -> dt.datetime:
@@ -418,31 +716,51 @@ class _Run:
             self._sqlite_child.start()
 
     def dataset(
-        self, dataset: Dataset, lower: dt.datetime | None, until: dt.datetime
+        self,
+        dataset: Dataset,
+        lower: dt.datetime | None,
+        until: dt.datetime,
+        rewrite: set[str],
+        since: dt.datetime | None,
     ) -> DatasetReport:
+        """Write the dataset's new rows, and the days in ``rewrite`` whole."""
         report = DatasetReport(since=None if lower is None else lower.isoformat())
         where: list[str] = []
         params: list[dt.datetime | dt.date] = []
         only: set[str] | None = None
+        column = self._q(dataset.time_column)
         if dataset.mode == "append":
-            where = [f"{self._q(dataset.time_column)} < ?"]
+            where = [f"{column} < ?"]
             params = [until]
             if lower is not None:
-                where.insert(0, f"{self._q(dataset.time_column)} >= ?")
-                params.insert(0, lower)
+                window = f"{column} >= ?"
+                window_params: list[dt.datetime | dt.date] = [lower]
+                for first, last in _day_ranges(rewrite):
+                    start = _day_start(first, dataset)
+                    if since is not None:
+                        start = max(cast(dt.datetime, start), since)
+                    window += f" OR ({column} >= ? AND {column} < ?)"
+                    window_params += [start, _day_start(last + dt.timedelta(days=1), dataset)]
+                where.insert(0, f"({window})")
+                params[:0] = window_params
             filename = f"part-{_stamp(lower)}.parquet"
         else:
             filename = f"{dataset.name}.parquet"
             # A first run rewrites every day there is, so it needs no changed-day scan.
             if lower is not None:
-                only = self._changed_days(lower, until)
+                only = self._changed_days(lower, until) | rewrite
                 if not only:
                     return report
-                first = dt.date.fromisoformat(min(only))
-                start: dt.datetime | dt.date = first
-                if dataset.time_column != "day":
-                    start = dt.datetime.combine(first, dt.time(), dt.UTC)
-                where, params = [f"{self._q(dataset.time_column)} >= ?"], [start]
+                ranges = _day_ranges(only)
+                where = [
+                    "(" + " OR ".join(f"({column} >= ? AND {column} < ?)" for _ in ranges) + ")"
+                ]
+                for first, last in ranges:
+                    params += [
+                        _day_start(first, dataset),
+                        _day_start(last + dt.timedelta(days=1), dataset),
+                    ]
+        report.rewritten = sorted(rewrite)
         writer = _PartitionWriter(self, dataset, filename, report)
         try:
             for batch in _read_ahead(self._read(dataset, where, params), _READ_AHEAD):
@@ -459,16 +777,12 @@ class _Run:
 
     def _changed_days(self, lower: dt.datetime, until: dt.datetime) -> set[str]:
         """UTC days (first seen) of tasks whose last delivery was received in the window."""
-        from sqlalchemy import func, select
+        from sqlalchemy import select
 
         from receiver.models import Delivery, Task
 
-        if self.sqlite:
-            day = func.substr(Task.first_seen_at, 1, 10)
-        else:
-            day = func.to_char(func.timezone("UTC", Task.first_seen_at), "YYYY-MM-DD")
         query = (
-            select(day)
+            select(_task_day(self.engine))
             .distinct()
             .select_from(Task)
             .join(Delivery, Delivery.id == Task.last_delivery_id)
@@ -520,12 +834,36 @@ class _Run:
         self.open_temporaries.discard(temporary)
         self.staged.append(_Staged(temporary, final, rows))
 
-    def commit(self) -> None:
-        """Make every staged file visible, each by one rename."""
+    def close_readers(self) -> None:
+        """End the database readers: every dataset is written."""
         self._close()
-        for staged in self.staged:
-            self.fs.move(staged.temporary, staged.final)
-        self.staged = []
+
+    def replaced_files(self, chosen: list[Dataset], report: ExportReport) -> list[str]:
+        """The visible files of rewritten append days that this run's files replace."""
+        import pyarrow.fs as pafs
+
+        finals = {s.final for s in self.staged}
+        doomed: list[str] = []
+        for dataset in chosen:
+            # "rewrite" datasets hold one file a day, of one name: its rename replaces it.
+            if dataset.mode != "append" or dataset.name not in report.datasets:
+                continue
+            name = dataset.name
+            for day in report.datasets[name].rewritten:
+                directory = f"{self.root}/{name}/{PARTITION_KEY}={day}"
+                selector = pafs.FileSelector(directory, allow_not_found=True)
+                for info in self.fs.get_file_info(selector):
+                    if (
+                        info.type == pafs.FileType.File
+                        and info.base_name.endswith(".parquet")
+                        and not info.base_name.startswith(".")
+                        and info.path not in finals
+                    ):
+                        doomed.append(info.path)
+        for path in sorted(doomed):
+            relative = _relative(self.root, path)
+            report.datasets[relative.split("/", 1)[0]].replaced.append(relative)
+        return sorted(doomed)
 
     def abort(self) -> None:
         """Delete this run's temporary files; nothing it wrote becomes visible."""
@@ -545,11 +883,7 @@ class _Run:
             self._sqlite_child = None
 
     def write_atomically(self, path: str, data: bytes) -> None:
-        temporary = f"{path.rsplit('/', 1)[0]}/.{path.rsplit('/', 1)[1]}.{self.run_id}.tmp"
-        self.fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        with self.fs.open_output_stream(temporary) as stream:
-            stream.write(data)
-        self.fs.move(temporary, path)
+        _write_atomically(self.fs, path, data, self.run_id)
 
 
 _END = object()

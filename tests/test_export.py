@@ -301,15 +301,15 @@ def test_a_run_that_died_before_its_manifest_is_redone_without_duplicates(
     post_cases(client, engine, CASES[:4])
     export(engine, str(out), lag=NOW)
     post_cases(client, engine, CASES[4:])
-    real = export_module._Run.write_atomically
+    real = export_module._write_atomically
 
-    def dies(self: Any, path: str, data: bytes) -> None:
+    def dies(*args: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module._Run, "write_atomically", dies)
+    monkeypatch.setattr(export_module, "_write_atomically", dies)
     with pytest.raises(KeyboardInterrupt):
         export(engine, str(out), lag=NOW)
-    monkeypatch.setattr(export_module._Run, "write_atomically", real)
+    monkeypatch.setattr(export_module, "_write_atomically", real)
     export(engine, str(out), lag=NOW)  # same window start: same file names, overwritten
     check_readback(engine, out)
 
