@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
+import io
 import itertools
 import json
 import re
@@ -20,6 +22,7 @@ from receiver.models import Delivery, Hook, Output, Task
 from receiver.pipeline import HELD_BYTES, Pipeline, process_deliveries
 from tests.conftest import DELIVERIES
 from tests.readback import column_map, hook_tables, raw_rows
+from tests.test_results import csv_tables
 
 #: Documents whose tables, columns and types change from one to the next (no NUL:
 #: PostgreSQL text cannot hold it, and such a delivery is quarantined either way).
@@ -40,12 +43,14 @@ FULL = (DELIVERIES / "01-full-response-json.body").read_bytes()
 PING = b'{"event":"task_completed","sessionId":"s","taskId":"t2"}'
 
 
-def store(engine: Engine, *bodies: bytes, hook: str = "p") -> list[str]:
+def store(
+    engine: Engine, *bodies: bytes, hook: str = "p", content_type: str = "application/json"
+) -> list[str]:
     """Commit deliveries through the ledger without telling any pipeline."""
     ledger = Ledger(engine)
     ledger.start()
     try:
-        recorded = ledger.record_sync(_deliveries(*bodies, hook=hook))
+        recorded = ledger.record_sync(_deliveries(*bodies, hook=hook, content_type=content_type))
     finally:
         ledger.stop()
     return [r.delivery_id for r in recorded]
@@ -181,14 +186,16 @@ def _body_reads(engine: Engine) -> list[str]:
     return reads
 
 
-def _deliveries(*bodies: bytes, hook: str = "p") -> list[RawDelivery]:
+def _deliveries(
+    *bodies: bytes, hook: str = "p", content_type: str = "application/json"
+) -> list[RawDelivery]:
     """Deliveries received a millisecond apart, in order (so no two share a time)."""
     start = utcnow()
     return [
         RawDelivery(
             hook=hook,
             body=b,
-            content_type="application/json",
+            content_type=content_type,
             headers=(),
             query_string="",
             received_at=start + dt.timedelta(milliseconds=i),
@@ -247,18 +254,38 @@ def _derived(engine: Engine, hook: str, ids: list[str]) -> dict[object, object]:
 _batch_hooks = itertools.count()
 
 
+def _csv_text(table: list[list[str]]) -> bytes:
+    out = io.StringIO()
+    csv.writer(out).writerows(table)
+    return out.getvalue().encode()
+
+
 @hsettings(
-    max_examples=25,
+    max_examples=40,
     deadline=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
-@given(st.lists(JSON_DOCS, min_size=2, max_size=6))
-def test_a_batch_writes_what_one_at_a_time_writes(engine: Engine, docs: list[object]) -> None:
+@given(
+    st.one_of(
+        st.tuples(
+            st.lists(JSON_DOCS.map(lambda doc: json.dumps(doc).encode()), min_size=2, max_size=6),
+            st.just("application/json"),
+        ),
+        st.tuples(
+            st.lists(csv_tables().map(_csv_text), min_size=2, max_size=6), st.just("text/csv")
+        ),
+    )
+)
+def test_a_batch_writes_what_one_at_a_time_writes(
+    engine: Engine, drawn: tuple[list[bytes], str]
+) -> None:
     """Held writes (one statement per table per batch) leave exactly what writing each
-    delivery alone leaves, as tables and columns appear and change type along the way."""
+    delivery alone leaves, as tables and columns appear and change type along the way
+    (JSON documents, or CSV texts with their row notes)."""
+    bodies, content_type = drawn
     n = next(_batch_hooks)
-    bodies = [json.dumps(doc).encode() for doc in docs]
-    together, alone = store(engine, *bodies, hook=f"b{n}"), store(engine, *bodies, hook=f"a{n}")
+    together = store(engine, *bodies, hook=f"b{n}", content_type=content_type)
+    alone = store(engine, *bodies, hook=f"a{n}", content_type=content_type)
     process_deliveries(engine, together, max_depth=3)
     for delivery_id in alone:
         process_deliveries(engine, [delivery_id], max_depth=3)
