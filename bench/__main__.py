@@ -163,7 +163,7 @@ def main() -> None:
     )
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
-    parser.add_argument("--repeats", type=int, default=3, help="large deliveries per kind")
+    parser.add_argument("--repeats", type=int, default=5, help="large deliveries per kind")
     args = parser.parse_args()
     if "ingest" in args.only:
         require_wrk()

@@ -195,7 +195,7 @@ def time_baseline(db: BenchDatabase, body: bytes, kind: str, name: str) -> dict[
     return {"queryable_s": round(time.perf_counter() - started, 3), "rows": table.num_rows}
 
 
-def run(dialects: list[str], logs: Path, repeats: int = 3) -> dict[str, Any]:
+def run(dialects: list[str], logs: Path, repeats: int = 5) -> dict[str, Any]:
     """Figure 2 per dialect: median of ``repeats`` deliveries (each to a new hook)."""
     bodies = {
         "csv": (csv_body(CSV_ROWS), "text/csv", CSV_ROWS),
