@@ -116,6 +116,13 @@ def table(results: dict[str, Any]) -> str:
                 f" ({k['receiver']['rows']} rows, {k['receiver']['status']})"
                 f" | {k['baseline']['queryable_s']} | x{k['ratio']} | {target} |"
             )
+            alike = k.get("like_for_like")
+            if alike is not None:
+                lines.append(
+                    f"| {label}, against a baseline keeping what the receiver keeps | {dialect}"
+                    f" | {k['receiver']['queryable_s']} | {alike['queryable_s']}"
+                    f" | x{alike['ratio']} | diagnostic |"
+                )
         lines.append(
             f"| server peak RSS MB (large) | {dialect} | {_cell(r['server_peak_rss_mb'])}"
             " | - | - | - |"

@@ -160,38 +160,87 @@ def _pylists(table: pa.Table) -> list[list[Any]]:
     ]
 
 
-def bulk_load(db: BenchDatabase, table: pa.Table, name: str) -> None:
-    """Create ``name`` from the Arrow schema and load it in one statement, one commit."""
-    columns = table.column_names
+#: Columns the like-for-like baseline adds to each row: the receiver's key.
+_KEY = ("_delivery_id", "_row_index")
+
+
+#: The key columns' DDL per dialect (the receiver's result tables have this key).
+_KEY_DDL = {
+    "sqlite": "_delivery_id TEXT, _row_index INTEGER, PRIMARY KEY (_delivery_id, _row_index)",
+    "postgresql": "_delivery_id TEXT, _row_index BIGINT, PRIMARY KEY (_delivery_id, _row_index)",
+}
+
+
+def bulk_load(
+    db: BenchDatabase, table: pa.Table, name: str, *, keyed: bool = False, output: str | None = None
+) -> None:
+    """Create ``name`` from the Arrow schema and load it in one statement, one commit.
+
+    ``keyed``: each row also carries the receiver's key (delivery id, row index)
+    under a primary key; ``output``: the text is also stored, in ``<name>_output``.
+    """
+    sqlite = db.dialect == "sqlite"
+    column_type = _sqlite_type if sqlite else _pg_type
+    ddl = [f'"{field.name}" {column_type(field.type)}' for field in table.schema]
+    ddl += [_KEY_DDL[db.dialect]] if keyed else []
+    columns = [*(_KEY if keyed else ()), *table.column_names]
+    quoted = ", ".join(f'"{c}"' for c in columns)
+    values = _pylists(table)
+    if keyed:
+        values = [[name] * table.num_rows, list(range(table.num_rows)), *values]
+    with contextlib.closing(db.connect()) as conn:
+        if sqlite:
+            conn.execute("BEGIN IMMEDIATE")
+        conn.execute(f'CREATE TABLE "{name}" ({", ".join(ddl)})')
+        if sqlite:
+            marks = ", ".join("?" * len(columns))
+            conn.executemany(
+                f'INSERT INTO "{name}" ({quoted}) VALUES ({marks})', zip(*values, strict=True)
+            )
+        else:
+            with conn.cursor() as cur, cur.copy(f'COPY "{name}" ({quoted}) FROM STDIN') as copy:
+                for row in zip(*values, strict=True):
+                    copy.write_row(row)
+        if output is not None:
+            text_type = "TEXT" if sqlite else "TEXT COMPRESSION lz4"
+            conn.execute(f'CREATE TABLE "{name}_output" (content {text_type})')
+            conn.execute(
+                f'INSERT INTO "{name}_output" VALUES ({"?" if sqlite else "%s"})', (output,)
+            )
+        if sqlite:
+            conn.execute("COMMIT")
+        else:
+            conn.commit()
+
+
+def keep_raw(db: BenchDatabase, body: bytes, name: str) -> None:
+    """The raw body stored and committed on its own, as the receiver does before its 200."""
     with contextlib.closing(db.connect()) as conn:
         if db.dialect == "sqlite":
-            ddl = ", ".join(
-                f'"{c}" {_sqlite_type(t)}' for c, t in zip(columns, table.schema.types, strict=True)
-            )
             conn.execute("BEGIN IMMEDIATE")
-            conn.execute(f'CREATE TABLE "{name}" ({ddl})')
-            marks = ", ".join("?" * len(columns))
-            values = _pylists(table)
-            conn.executemany(f'INSERT INTO "{name}" VALUES ({marks})', zip(*values, strict=True))
+            conn.execute(f'CREATE TABLE "{name}_raw" (body BLOB)')
+            conn.execute(f'INSERT INTO "{name}_raw" VALUES (?)', (body,))
             conn.execute("COMMIT")
             return
-        ddl = ", ".join(
-            f'"{c}" {_pg_type(t)}' for c, t in zip(columns, table.schema.types, strict=True)
-        )
-        conn.execute(f'CREATE TABLE "{name}" ({ddl})')
-        with conn.cursor() as cur, cur.copy(f'COPY "{name}" FROM STDIN') as copy:
-            for row in zip(*_pylists(table), strict=True):
-                copy.write_row(row)
+        conn.execute(f'CREATE TABLE "{name}_raw" (body BYTEA COMPRESSION lz4)')
+        conn.execute(f'INSERT INTO "{name}_raw" VALUES (%s)', (body,))
         conn.commit()
 
 
-def time_baseline(db: BenchDatabase, body: bytes, kind: str, name: str) -> dict[str, Any]:
+def time_baseline(
+    db: BenchDatabase, body: bytes, kind: str, name: str, *, like_for_like: bool = False
+) -> dict[str, Any]:
+    """Parse and bulk load. ``like_for_like`` also keeps what the receiver keeps: the raw
+    body (committed first), the output text, and a primary key on every row."""
     started = time.perf_counter()
+    if like_for_like:
+        keep_raw(db, body, name)
     if kind == "csv":
         table = pacsv.read_csv(io.BytesIO(body))
     else:
         table = pa.Table.from_pylist(json.loads(body))
-    bulk_load(db, table, name)
+    output = body.decode() if like_for_like else None
+    bulk_load(db, table, name, keyed=like_for_like, output=output)
     return {"queryable_s": round(time.perf_counter() - started, 3), "rows": table.num_rows}
 
 
@@ -219,8 +268,13 @@ def run(dialects: list[str], logs: Path, repeats: int = 5) -> dict[str, Any]:
                         time_baseline(db, body, kind, f"baseline_{kind}_{i}")
                         for i in range(repeats)
                     ]
+                    alike = [
+                        time_baseline(db, body, kind, f"alike_{kind}_{i}", like_for_like=True)
+                        for i in range(repeats)
+                    ]
                     recv_s = statistics.median(r["queryable_s"] for r in runs)
                     base_s = statistics.median(b["queryable_s"] for b in base)
+                    alike_s = statistics.median(b["queryable_s"] for b in alike)
                     per[kind] = {
                         "body_mb": round(len(body) / 1e6, 2),
                         "expected_rows": expected,
@@ -234,6 +288,10 @@ def run(dialects: list[str], logs: Path, repeats: int = 5) -> dict[str, Any]:
                         },
                         "baseline": {"queryable_s": base_s, "rows": base[-1]["rows"]},
                         "ratio": round(recv_s / base_s, 2),
+                        "like_for_like": {
+                            "queryable_s": alike_s,
+                            "ratio": round(recv_s / alike_s, 2),
+                        },
                     }
                 per["server_peak_rss_mb"] = server.peak_rss_mb()
         out[dialect] = per
