@@ -254,17 +254,22 @@ def _derived(engine: Engine, hook: str, ids: list[str]) -> dict[object, object]:
 _batch_hooks = itertools.count()
 
 
+def _batches(examples: int) -> hsettings:
+    """Hypothesis settings for tests that store and process a batch per example."""
+    return hsettings(
+        max_examples=examples,
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+    )
+
+
 def _csv_text(table: list[list[str]]) -> bytes:
     out = io.StringIO()
     csv.writer(out).writerows(table)
     return out.getvalue().encode()
 
 
-@hsettings(
-    max_examples=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@_batches(40)
 @given(
     st.one_of(
         st.tuples(
@@ -323,11 +328,7 @@ def _tasks(engine: Engine, prefix: str, ids: list[str]) -> list[tuple[object, ..
     return sorted(out, key=repr)
 
 
-@hsettings(
-    max_examples=20,
-    deadline=None,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@_batches(20)
 @given(
     st.lists(
         st.tuples(st.integers(0, len(TASK_BODIES) - 1), st.sampled_from(["x", "y"])),
