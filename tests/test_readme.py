@@ -330,3 +330,22 @@ def test_json_blocks_are_what_the_cli_prints() -> None:
     printed = json.loads(webhook_object("pricing", "https://x/hooks/pricing", "Bearer t"))
     assert set(hook) == set(printed["webhook"])
     assert hook["url"].endswith(f"/hooks/{hook['name']}")
+
+
+def test_every_test_the_readme_names_exists() -> None:
+    """A guarantee names the test that checks it (`file.py::name`, or `::name` for the file named
+    just before): each must exist, or the guarantee is checked by nothing."""
+    text = README.read_text()
+    named: list[tuple[str, str]] = []
+    current = ""
+    for file, name in re.findall(r"`(?:(test_\w+\.py))?::(\w+)`", text):
+        current = file or current
+        named.append((current, name))
+    assert len(named) > 10, named  # the guarantees section names many
+    tests = Path(__file__).resolve().parent
+    missing = [
+        f"{file}::{name}"
+        for file, name in named
+        if not re.search(rf"^(?:async )?def {name}\(", (tests / file).read_text(), re.MULTILINE)
+    ]
+    assert missing == []
