@@ -95,6 +95,19 @@ class Recorded:
 #: Told what a commit stored: the deliveries and, in the same order, what became of each.
 OnCommitted = Callable[[Sequence[RawDelivery], list[Recorded]], None]
 
+
+def tell_committed(
+    on_committed: OnCommitted | None, deliveries: Sequence[RawDelivery], results: list[Recorded]
+) -> None:
+    """Hand a commit on (to the pipeline); a failure there never undoes the commit."""
+    if on_committed is None:
+        return
+    try:
+        on_committed(deliveries, results)
+    except Exception:  # processing is best effort: the raw rows are committed
+        log.exception("on_committed hook failed")
+
+
 _COLUMNS = """id, hook, received_at, body, body_sha256, body_size, content_type,
     headers, query_string, labels, dedupe_key, first_key, duplicate_of, status"""
 _INSERT = f"INSERT INTO deliveries ({_COLUMNS}) VALUES ({', '.join('?' * 14)})"
@@ -365,11 +378,7 @@ class Ledger(QueueWorker[_Item]):
             )
         self._write_before, self._last_write = self._last_write, time.monotonic()
         # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
-        if self.on_committed is not None:
-            try:
-                self.on_committed([d for d, _ in batch], results)
-            except Exception:  # processing is best effort: the raw rows are committed
-                log.exception("on_committed hook failed")
+        tell_committed(self.on_committed, [d for d, _ in batch], results)
         _answer([(w, r) for (_, w), r in zip(batch, results, strict=True)])
 
     def _close(self) -> None:

@@ -35,7 +35,7 @@ from sqlalchemy import Engine
 
 from receiver.db import is_sqlite
 from receiver.errors import SpoolCorrupt, SpoolUnavailable
-from receiver.ledger import OnCommitted, RawDelivery, write_deliveries
+from receiver.ledger import OnCommitted, RawDelivery, tell_committed, write_deliveries
 
 log = logging.getLogger("receiver.spool")
 
@@ -260,11 +260,7 @@ class SpoolDrainer:
             cursor.close()
         self._conn.commit()
         log.info("drained %d spooled deliveries", len(items))
-        if self.on_committed is not None:
-            try:
-                self.on_committed([d for _, d in items], results)
-            except Exception:  # processing is best effort: the raw rows are committed
-                log.exception("on_committed hook failed")
+        tell_committed(self.on_committed, [d for _, d in items], results)
         self.spool.remove([p for p, _ in items])
         return len(items)
 
