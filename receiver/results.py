@@ -499,35 +499,35 @@ class HeldInserts:
 
     def __init__(self, max_rows: int = COPY_THRESHOLD) -> None:
         self.max_rows = max_rows
-        self._tables: dict[str, tuple[Table, list[_Rows]]] = {}
+        #: Per table name: its latest `Table`, and each held insert as (rows, columns).
+        self._tables: dict[str, tuple[Table, list[tuple[int, dict[str, Sequence[Any]]]]]] = {}
 
     def hold(
         self, table: Table, count: int, columns: Mapping[str, Values], constants: Mapping[str, Any]
     ) -> bool:
         """Keep this insert for `flush`; False (keeping nothing) if it should go at once."""
-        if count > self.max_rows or not all(isinstance(v, Sequence) for v in columns.values()):
+        sequences = {name: v for name, v in columns.items() if isinstance(v, Sequence)}
+        if count > self.max_rows or len(sequences) < len(columns):  # Arrow arrays: big ones
             return False
+        held: dict[str, Sequence[Any]] = {
+            name: [v] * count for name, v in constants.items() if v is not None
+        }
+        held.update(sequences)
         _, parts = self._tables.get(table.name, (table, []))
-        parts.append(_Rows([], count, columns, constants))
+        parts.append((count, held))
         self._tables[table.name] = (table, parts)
         return True
 
     def flush(self, conn: Connection) -> None:
-        """Insert everything held, one `insert_columns` per table."""
+        """Insert what is held, one `insert_columns` per table (NULL where a part has no value)."""
         tables, self._tables = self._tables, {}
         for table, parts in tables.values():
-            names: dict[str, list[Any]] = {}
-            for part in parts:
-                names.update((n, []) for n in part.columns)
-                names.update((n, []) for n, v in part.constants.items() if v is not None)
-            for part in parts:
-                for name, merged in names.items():
-                    values = part.columns.get(name)
-                    if isinstance(values, Sequence):  # as `hold` made sure
-                        merged.extend(values)
-                    else:
-                        merged.extend(itertools.repeat(part.constants.get(name), part.count))
-            insert_columns(conn, table, sum(p.count for p in parts), names, {})
+            names = dict.fromkeys(name for _, held in parts for name in held)
+            merged: dict[str, Values] = {
+                name: [v for count, held in parts for v in held.get(name, [None] * count)]
+                for name in names
+            }
+            insert_columns(conn, table, sum(count for count, _ in parts), merged, {})
 
 
 def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
