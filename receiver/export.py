@@ -262,10 +262,9 @@ def open_destination(dest: str) -> tuple[pafs.FileSystem, str]:
 
 def read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any]:
     """The destination's manifest, or an empty one before the first run."""
-    import pyarrow.fs as pafs
 
     path = f"{root}/{MANIFEST}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not _exists(fs, path):
         return {"format": FORMAT, "partition_key": PARTITION_KEY, "watermarks": {}, "runs": []}
     with fs.open_input_stream(path) as stream:
         manifest: dict[str, Any] = json.loads(stream.read())
@@ -397,10 +396,9 @@ def _relative(root: str, path: str) -> str:
 
 def complete_journal(fs: pafs.FileSystem, root: str) -> bool:
     """Finish the commit of a run that died after writing its journal; whether there was one."""
-    import pyarrow.fs as pafs
 
     path = f"{root}/{JOURNAL}"
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+    if not _exists(fs, path):
         return False
     with fs.open_input_stream(path) as stream:
         plan: dict[str, Any] = json.loads(stream.read())
@@ -410,13 +408,12 @@ def complete_journal(fs: pafs.FileSystem, root: str) -> bool:
 
 def _apply(fs: pafs.FileSystem, root: str, plan: dict[str, Any], run_id: str) -> None:
     """Renames, then deletions, then the manifest, then the journal goes: each step redoable."""
-    import pyarrow.fs as pafs
 
     for temporary, final in plan["renames"]:
         source = f"{root}/{temporary}"
-        if fs.get_file_info(source).type != pafs.FileType.NotFound:
+        if _exists(fs, source):
             fs.move(source, f"{root}/{final}")
-        elif fs.get_file_info(f"{root}/{final}").type == pafs.FileType.NotFound:
+        elif not _exists(fs, f"{root}/{final}"):
             raise ReceiverError(f"{root}/{JOURNAL}: {temporary} and {final} are both missing")
     _delete_replaced(fs, [f"{root}/{p}" for p in plan["deletions"]])
     _write_atomically(
@@ -428,11 +425,16 @@ def _apply(fs: pafs.FileSystem, root: str, plan: dict[str, Any], run_id: str) ->
 
 def _delete_replaced(fs: pafs.FileSystem, paths: list[str]) -> None:
     """Delete the files rewritten days replaced (already gone: deleted by an earlier try)."""
-    import pyarrow.fs as pafs
 
     for path in paths:
-        if fs.get_file_info(path).type != pafs.FileType.NotFound:
+        if _exists(fs, path):
             fs.delete_file(path)
+
+
+def _exists(fs: pafs.FileSystem, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
 
 
 def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes, run_id: str) -> None:
