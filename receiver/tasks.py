@@ -90,13 +90,9 @@ def task_row(
     }
 
 
-def upsert_task(conn: Connection, row: Mapping[str, Any]) -> None:
-    """Insert the task, or merge ``row`` into it: new values win, missing ones never erase."""
-    upsert_tasks(conn, [row])
-
-
 def upsert_tasks(conn: Connection, rows: Sequence[Mapping[str, Any]]) -> None:
-    """`upsert_task` for each row in turn, in as few statements as that allows.
+    """Insert each row's task, or merge the row into it (new values win, missing ones
+    never erase), in turn, in as few statements as that allows.
 
     One statement cannot touch a row twice, so the rows go in rounds: each
     task's first row in the first, its second in the next, and so on. A round

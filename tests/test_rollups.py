@@ -24,7 +24,7 @@ from receiver import rollups
 from receiver.cli import main
 from receiver.db import alembic_config, driver_time
 from receiver.models import Base, RollupDelta, RollupLabelDelta, Task
-from receiver.tasks import upsert_task
+from receiver.tasks import upsert_tasks
 from tests.conftest import DELIVERIES, post
 
 CASES = sorted(p.with_suffix("") for p in DELIVERIES.glob("*.json"))
@@ -277,7 +277,7 @@ def _apply(engine: Engine, operation: tuple[str, Any, Any], step: int = 0) -> No
     with engine.begin() as conn:
         if kind == "upsert":
             for row in what:
-                upsert_task(conn, row)
+                upsert_tasks(conn, [row])
         elif kind == "insert":
             keys = [r["task_key"] for r in what]
             conn.execute(delete(Task).where(Task.task_key.in_(keys)))
@@ -477,10 +477,10 @@ def test_postgresql_writers_never_wait_on_a_rollup_row(engine: Engine) -> None:
     first |= same
     with engine.connect() as a, engine.connect() as b:
         a.begin()
-        upsert_task(a, first | {"extra": None})
+        upsert_tasks(a, [first | {"extra": None}])
         b.begin()
         b.exec_driver_sql("SET LOCAL lock_timeout = '2s'")
-        upsert_task(b, second | {"extra": None})  # would time out if it waited for `a`
+        upsert_tasks(b, [second | {"extra": None}])  # would time out if it waited for `a`
         b.commit()
         rollups.fold(engine)  # folds b's row; a's is not committed yet
         a.commit()
@@ -573,10 +573,12 @@ def test_postgresql_concurrent_writers_and_folds_never_wait_nor_deadlock(engine:
                     for i, row in enumerate(rows):
                         key = f"w{n}-{i}"
                         labels = f'{{"project": "p{(step + i) % 2}"}}'
-                        upsert_task(
+                        upsert_tasks(
                             conn,
-                            row
-                            | {"task_key": key, "task_id": key, "labels": labels, "extra": None},
+                            [
+                                row
+                                | {"task_key": key, "task_id": key, "labels": labels, "extra": None}
+                            ],
                         )
                     conn.execute(
                         update(Task)
