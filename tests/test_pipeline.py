@@ -356,3 +356,19 @@ def test_a_batch_upserts_tasks_as_one_at_a_time_does(
     expected = _tasks(engine, f"a{n}-", alone)
     assert expected  # the catalogue's tasks were found and renamed
     assert _tasks(engine, f"b{n}-", together) == expected
+
+
+def test_bodies_in_hand_are_released_when_processing_fails(engine: Engine) -> None:
+    """A delivery the pipeline cannot process at all (here: never committed) is reported
+    failed, and its body does not stay in memory."""
+    seen: list[tuple[str, str]] = []
+    pipeline = Pipeline(engine, max_depth=5, on_processed=lambda i, o: seen.append((i, o)))
+    [ghost] = _deliveries(FULL)
+    pipeline.start()
+    try:
+        pipeline.submit_committed([ghost])
+        pipeline.join()
+        assert pipeline.held() == 0
+    finally:
+        pipeline.stop()
+    assert seen == [(ghost.id, "failed")]
