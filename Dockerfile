@@ -2,9 +2,8 @@
 FROM python:3.11-slim
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 RECEIVER_DATA_DIR=/data
 WORKDIR /app
-COPY pyproject.toml README.md alembic.ini ./
+COPY pyproject.toml README.md ./
 COPY receiver ./receiver
-COPY migrations ./migrations
 RUN pip install --no-cache-dir -e . && useradd --system --uid 10001 receiver \
     && mkdir -p /data && chown receiver /data
 USER receiver

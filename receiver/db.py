@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 _MIGRATION_LOCK = 0x5EB7_0000
 WRITE_OPTION = "receiver_write"
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def utcnow() -> dt.datetime:

@@ -20,8 +20,8 @@ case "${1:-}" in
     ;;
   test)
     shift
-    .venv/bin/ruff check receiver tests migrations bench
-    .venv/bin/ruff format --check receiver tests migrations bench
+    .venv/bin/ruff check receiver tests bench
+    .venv/bin/ruff format --check receiver tests bench
     .venv/bin/mypy
     exec .venv/bin/pytest "$@"
     ;;

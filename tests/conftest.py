@@ -21,15 +21,20 @@ from starlette.testclient import TestClient
 from receiver.app import create_app
 from receiver.db import create_db_engine, upgrade
 from receiver.settings import Settings
+from tests.corpora import DELIVERIES, missing_corpora
+
+__all__ = ["DELIVERIES", "TOKEN", "post"]
 
 TOKEN = "Bearer test-token"
 PG_SERVER = os.environ.get("RECEIVER_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-DELIVERIES = SHARED / "webrun" / "deliveries"
-CONFORMANCE = SHARED / "conformance"
 
 _RUN = uuid.uuid4().hex[:8]
 _counter = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if problems := missing_corpora():
+        raise pytest.UsageError("test corpus incomplete:\n" + "\n".join(problems))
 
 
 def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:

@@ -8,7 +8,6 @@ import io
 import json
 import math
 import re
-from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -36,9 +35,8 @@ from receiver.csvparse import (
     render_cell,
     to_cells,
 )
+from tests.corpora import SPECTRUM
 
-CONFORMANCE = Path(__file__).resolve().parents[2] / "shared" / "conformance"
-SPECTRUM = CONFORMANCE / "csv-spectrum"
 SPECTRUM_CASES = sorted(path.stem for path in (SPECTRUM / "csvs").glob("*.csv"))
 # json/location_coordinates.json has an upstream slip; the CSV's own value is right.
 SPECTRUM_FIXES = {"location_coordinates": {"Contact Phone Number": "2095257564"}}

@@ -12,9 +12,10 @@ from starlette.testclient import TestClient
 
 from receiver.classify import parse_json
 from receiver.models import Delivery
-from tests.conftest import CONFORMANCE, TOKEN
+from tests.conftest import TOKEN
+from tests.corpora import JSON_TEST_SUITE
 
-FILES = sorted((CONFORMANCE / "JSONTestSuite" / "test_parsing").glob("*.json"))
+FILES = sorted(JSON_TEST_SUITE.glob("*.json"))
 
 
 def test_corpus_present() -> None:

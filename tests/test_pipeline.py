@@ -320,10 +320,12 @@ def _tasks(engine: Engine, prefix: str, ids: list[str]) -> list[tuple[object, ..
         out = []
         for row in rows.mappings():
             task = dict(row)
-            task["hook"] = task["hook"] == prefix.rstrip("-")
-            task |= {k: v.replace(prefix, "") for k, v in task.items() if isinstance(v, str)}
+            # Delivery ids and times become positions before the prefix is taken out of the
+            # task's own strings: a UUID may hold the prefix's characters too.
             task["first_seen_at"] = position[received[task["first_seen_at"]]]
             task["last_delivery_id"] = position[task["last_delivery_id"]]
+            task["hook"] = task["hook"] == prefix.rstrip("-")
+            task |= {k: v.replace(prefix, "") for k, v in task.items() if isinstance(v, str)}
             out.append(tuple(sorted(task.items())))
     return sorted(out, key=repr)
 
