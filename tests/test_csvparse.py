@@ -37,6 +37,8 @@ from receiver.csvparse import (
 )
 from tests.corpora import SPECTRUM
 
+pytestmark = pytest.mark.pure
+
 SPECTRUM_CASES = sorted(path.stem for path in (SPECTRUM / "csvs").glob("*.csv"))
 # json/location_coordinates.json has an upstream slip; the CSV's own value is right.
 SPECTRUM_FIXES = {"location_coordinates": {"Contact Phone Number": "2095257564"}}

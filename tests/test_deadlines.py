@@ -9,6 +9,8 @@ import pytest
 
 from receiver.deadlines import Deadlines
 
+pytestmark = pytest.mark.pure
+
 
 def test_an_expired_block_raises_timeout_error_within_the_resolution() -> None:
     deadlines = Deadlines(resolution=0.05)
