@@ -447,8 +447,11 @@ def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
             ).first()
     meta = {k: v for k, v in row._mapping.items() if k != "body"}
     click.echo(json.dumps(meta, indent=2, default=str))
-    click.echo("--- body ---")
-    sys.stdout.write(row.body.decode("utf-8", "replace") + "\n")
+    if row.body_pruned_at is not None:
+        click.echo(f"--- body pruned at {row.body_pruned_at} (retention) ---")
+    else:
+        click.echo("--- body ---")
+        sys.stdout.write(row.body.decode("utf-8", "replace") + "\n")
     if output is not None:
         click.echo(f"--- output ({output.output_type}) ---")
         click.echo(output.content)
@@ -463,8 +466,11 @@ def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
 @click.option("--quarantined", is_flag=True, help="only quarantined deliveries")
 @click.pass_context
 def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantined: bool) -> None:
-    """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent)."""
-    from sqlalchemy import select
+    """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent).
+
+    Deliveries whose body was pruned keep their rows and are counted as ``pruned``.
+    """
+    from sqlalchemy import func, select
 
     from receiver.classify import parse_time
     from receiver.models import Delivery
@@ -482,13 +488,94 @@ def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantin
     if quarantined:
         query = query.where(Delivery.status == "quarantined")
     with engine.connect() as conn:
-        ids = list(conn.scalars(query))
-    counts: dict[str, int] = {}
+        pruned = conn.scalar(
+            select(func.count()).select_from(
+                query.where(Delivery.body_pruned_at.is_not(None)).subquery()
+            )
+        )
+        ids = list(conn.scalars(query.where(Delivery.body_pruned_at.is_(None))))
+    counts: dict[str, int] = {"pruned": pruned} if pruned else {}
     with click.progressbar(ids, label="reprocessing", file=sys.stderr) as bar:
         for delivery_id in bar:
             outcome = process_delivery(engine, delivery_id, max_depth=_settings(ctx).max_depth)
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    click.echo(json.dumps({"deliveries": len(ids), **counts}))
+    click.echo(json.dumps({"deliveries": len(ids) + (pruned or 0), **counts}))
+
+
+@main.command()
+@click.option("--older-than", required=True, help="a duration: 90s, 15m, 12h, 30d")
+@click.option("--dry-run", is_flag=True, help="only count what would be removed")
+@click.option("--include-quarantined", is_flag=True, help="prune quarantined bodies too")
+@click.option("--vacuum", "vacuum_", is_flag=True, help="then give the space back (see README)")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_context
+def prune(
+    ctx: click.Context,
+    older_than: str,
+    dry_run: bool,
+    include_quarantined: bool,
+    vacuum_: bool,
+    format_: str,
+) -> None:
+    """Remove raw bodies of processed and duplicate deliveries received over DURATION ago.
+
+    Metadata (size, SHA-256, headers, status) and everything derived stay; each
+    pruned delivery records when. In batches: safe to interrupt and rerun.
+    """
+    from receiver import retention
+    from receiver.db import utcnow
+    from receiver.settings import parse_duration
+
+    try:
+        cutoff = utcnow() - parse_duration(older_than)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--older-than") from error
+    engine = _engine(ctx)
+    if dry_run or not sys.stderr.isatty():
+
+        def plain(done: int, size: int) -> None:
+            click.echo(f"pruned {done:,} deliveries ({size:,} bytes)", err=True)
+
+        report = retention.prune(
+            engine,
+            cutoff,
+            include_quarantined=include_quarantined,
+            dry_run=dry_run,
+            progress=None if dry_run else plain,
+        )
+    else:
+        from rich.console import Console
+        from rich.progress import Progress
+
+        planned = retention.plan(engine, cutoff, include_quarantined=include_quarantined)[0]
+        with Progress(console=Console(stderr=True)) as bar:
+            task = bar.add_task("pruning", total=planned)
+            report = retention.prune(
+                engine,
+                cutoff,
+                include_quarantined=include_quarantined,
+                progress=lambda done, _: bar.update(task, completed=done),
+            )
+    if vacuum_ and not dry_run:
+        report.vacuum = retention.vacuum(engine)
+    summary = report.as_dict()
+    if format_ == "json":
+        click.echo(json.dumps(summary))
+        return
+    rows = [[k, v] for k, v in summary.items() if k != "vacuum"]
+    if report.vacuum is not None:
+        rows += [
+            ["vacuum", report.vacuum.method],
+            ["bytes before", f"{report.vacuum.bytes_before:,}"],
+            ["bytes after", f"{report.vacuum.bytes_after:,}"],
+        ]
+    _print_table("prune (dry run)" if dry_run else "prune", ["", "value"], rows)
 
 
 @main.command("export")

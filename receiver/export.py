@@ -147,6 +147,10 @@ _PIPE_BYTES = 1 << 20
 
 Progress = Callable[[str, int], None]
 
+#: Columns that tie a row to its delivery, in the order `Dataset.cut_column` looks for them;
+#: a ``*_received_at`` one holds the delivery's receive time, the others its id.
+CUT_COLUMNS = ("_received_at", "last_delivery_id", "_delivery_id", "delivery_id")
+
 
 @dataclass(frozen=True)
 class Dataset:
@@ -159,6 +163,20 @@ class Dataset:
     mode: Literal["append", "rewrite"]
     #: A result table's hook: only its deliveries have rows in it.
     hook: str | None = None
+    #: The column that cuts the dataset at the run's instant (`snapshot_cut`); None: inferred.
+    cut: str | None = None
+
+    def cut_column(self) -> str | None:
+        """The column naming the delivery each row comes from: its receive time, or its id.
+
+        Inferred from the columns when not given, so every dataset follows the rule:
+        ``_received_at`` (a time), then ``last_delivery_id``, ``_delivery_id``,
+        ``delivery_id`` (ids). None: rows of no one delivery (the rollups' sums).
+        """
+        if self.cut is not None:
+            return self.cut
+        names = {c.name for c in self.table.columns}
+        return next((c for c in CUT_COLUMNS if c in names), None)
 
     def schema(self) -> pa.Schema:
         names = [c.name for c in self.table.columns]
@@ -231,6 +249,7 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
             Table("deliveries", MetaData(), *delivery_columns),
             "received_at",
             "append",
+            cut="received_at",
         ),
     ]
     with engine.connect() as conn:
@@ -762,6 +781,10 @@ class _Run:
                         _day_start(first, dataset),
                         _day_start(last + dt.timedelta(days=1), dataset),
                     ]
+        cut = self._cut(dataset)
+        if cut is not None:
+            where.append(cut)
+            params.append(until)
         report.rewritten = sorted(rewrite)
         writer = _PartitionWriter(self, dataset, filename, report)
         try:
@@ -776,6 +799,19 @@ class _Run:
     def _q(self, name: str) -> str:
         quoted: str = self.engine.dialect.identifier_preparer.quote(name)
         return quoted
+
+    def _cut(self, dataset: Dataset) -> str | None:
+        """The snapshot rule as SQL, one ``?`` for ``until``: the row's delivery came before it."""
+        column = dataset.cut_column()
+        if column is None:
+            return None
+        if column.endswith("received_at"):
+            return f"{self._q(column)} < ?"
+        source = self._q(dataset.table.name)
+        return (
+            f"EXISTS (SELECT 1 FROM deliveries AS cut_ WHERE cut_.id = {source}.{self._q(column)}"
+            " AND cut_.received_at < ?)"
+        )
 
     def _changed_days(self, lower: dt.datetime, until: dt.datetime) -> set[str]:
         """UTC days (first seen) of tasks whose last delivery was received in the window."""
