@@ -229,9 +229,15 @@ def vacuum(engine: Engine) -> VacuumReport:
             return sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
 
         before = size()
-        with engine.connect() as conn:
-            conn.exec_driver_sql("VACUUM")
-            conn.exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)")
+        # The raw connection is in autocommit (`create_db_engine`): VACUUM refuses a transaction.
+        raw = engine.raw_connection()
+        try:
+            cursor = raw.cursor()
+            cursor.execute("VACUUM")
+            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            cursor.close()
+        finally:
+            raw.close()
         return VacuumReport("VACUUM", before, size())
 
     measure = "SELECT pg_total_relation_size('deliveries')"
