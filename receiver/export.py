@@ -33,6 +33,14 @@ rewritten for the same days. ``until`` stops short of the oldest delivery
 not yet processed (its rows do not exist yet) and of the last ``lag``
 seconds (deliveries still being committed).
 
+One run is one snapshot: every dataset is cut at ``until`` by the delivery
+its rows come from (`Dataset.cut_column`): a row is in the run if that
+delivery was received before ``until``. Deliveries and result rows by their
+receive time; ``tasks`` by the receive time of ``last_delivery_id`` (a task
+updated within the lag waits for the next run, with its delivery); a dataset
+added later by the first of `CUT_COLUMNS` it has. The rollup views are sums of
+no one delivery and are read as they stand.
+
 Reprocessing (``receiver reprocess``) re-derives the rows of deliveries
 already exported, below the watermarks. Each run records in the manifest the
 ``processed_at`` it looked up to (``processed_marks``, per dataset: ``P`` =
