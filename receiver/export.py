@@ -38,8 +38,9 @@ its rows come from (`Dataset.cut_column`): a row is in the run if that
 delivery was received before ``until``. Deliveries and result rows by their
 receive time; ``tasks`` by the receive time of ``last_delivery_id`` (a task
 updated within the lag waits for the next run, with its delivery); a dataset
-added later by the first of `CUT_COLUMNS` it has. The rollup views are sums of
-no one delivery and are read as they stand.
+added later by the first of `CUT_COLUMNS` it has. The rollups are summed for
+the run from the tasks it exports (`receiver.rollups.task_sums_sql`), not read
+from the views, so they count no task the run leaves out.
 
 Reprocessing (``receiver reprocess``) re-derives the rows of deliveries
 already exported, below the watermarks. Each run records in the manifest the
@@ -171,15 +172,17 @@ class Dataset:
     mode: Literal["append", "rewrite"]
     #: A result table's hook: only its deliveries have rows in it.
     hook: str | None = None
-    #: The column that cuts the dataset at the run's instant (`snapshot_cut`); None: inferred.
+    #: The column that cuts the dataset at the run's instant (`cut_column`); None: inferred.
     cut: str | None = None
+    #: A rollup view: its rows are summed afresh from the tasks the run exports (cut by theirs).
+    sums_of_tasks: bool = False
 
     def cut_column(self) -> str | None:
         """The column naming the delivery each row comes from: its receive time, or its id.
 
         Inferred from the columns when not given, so every dataset follows the rule:
         ``_received_at`` (a time), then ``last_delivery_id``, ``_delivery_id``,
-        ``delivery_id`` (ids). None: rows of no one delivery (the rollups' sums).
+        ``delivery_id`` (ids). The rollups' sums go by their tasks' ``last_delivery_id``.
         """
         if self.cut is not None:
             return self.cut
@@ -273,7 +276,10 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
         Dataset(name, info.sqla_table(), "_received_at", "append", info.hook)
         for name, info in infos.items()
     ]
-    out += [Dataset(name, view, "day", "rewrite") for name, view in VIEWS.items()]
+    out += [
+        Dataset(name, view, "day", "rewrite", cut="last_delivery_id", sums_of_tasks=True)
+        for name, view in VIEWS.items()
+    ]
     return out
 
 
@@ -757,6 +763,7 @@ class _Run:
         where: list[str] = []
         params: list[dt.datetime | dt.date] = []
         only: set[str] | None = None
+        ranges: list[tuple[dt.date, dt.date]] = []
         column = self._q(dataset.time_column)
         if dataset.mode == "append":
             where = [f"{column} < ?"]
@@ -789,14 +796,17 @@ class _Run:
                         _day_start(first, dataset),
                         _day_start(last + dt.timedelta(days=1), dataset),
                     ]
-        cut = self._cut(dataset)
-        if cut is not None:
-            where.append(cut)
+        source = None
+        cut_column = dataset.cut_column()
+        if dataset.sums_of_tasks and cut_column is not None:
+            source, where, params = self._task_sums(dataset, cut_column, ranges, until)
+        elif cut_column is not None:
+            where.append(self._cut(self._q(dataset.table.name), cut_column))
             params.append(until)
         report.rewritten = sorted(rewrite)
         writer = _PartitionWriter(self, dataset, filename, report)
         try:
-            for batch in _read_ahead(self._read(dataset, where, params), _READ_AHEAD):
+            for batch in _read_ahead(self._read(dataset, where, params, source), _READ_AHEAD):
                 writer.write(batch, only)
         except BaseException:
             writer.discard()
@@ -808,18 +818,39 @@ class _Run:
         quoted: str = self.engine.dialect.identifier_preparer.quote(name)
         return quoted
 
-    def _cut(self, dataset: Dataset) -> str | None:
+    def _cut(self, source: str, column: str) -> str:
         """The snapshot rule as SQL, one ``?`` for ``until``: the row's delivery came before it."""
-        column = dataset.cut_column()
-        if column is None:
-            return None
         if column.endswith("received_at"):
-            return f"{self._q(column)} < ?"
-        source = self._q(dataset.table.name)
+            return f"{source}.{self._q(column)} < ?"
         return (
             f"EXISTS (SELECT 1 FROM deliveries AS cut_ WHERE cut_.id = {source}.{self._q(column)}"
             " AND cut_.received_at < ?)"
         )
+
+    def _task_sums(
+        self,
+        dataset: Dataset,
+        cut_column: str,
+        ranges: list[tuple[dt.date, dt.date]],
+        until: dt.datetime,
+    ) -> tuple[str, list[str], list[dt.datetime | dt.date]]:
+        """A rollup's source, summed from the tasks of its days that the run's cut lets in."""
+        from receiver.rollups import task_sums_sql
+
+        conditions: list[str] = []
+        params: list[dt.datetime | dt.date] = []
+        if ranges:
+            day = "(t.first_seen_at >= ? AND t.first_seen_at < ?)"
+            conditions.append("(" + " OR ".join(day for _ in ranges) + ")")
+            for first, last in ranges:
+                params += [
+                    dt.datetime.combine(first, dt.time(), dt.UTC),
+                    dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), dt.UTC),
+                ]
+        conditions.append(self._cut("t", cut_column))
+        params.append(until)
+        source = task_sums_sql(dataset.name, self.engine.dialect.name, " AND ".join(conditions))
+        return source, [], params
 
     def _changed_days(self, lower: dt.datetime, until: dt.datetime) -> set[str]:
         """UTC days (first seen) of tasks whose last delivery was received in the window."""
@@ -838,12 +869,19 @@ class _Run:
             return set(conn.scalars(query))
 
     def _read(
-        self, dataset: Dataset, where: list[str], params: list[dt.datetime | dt.date]
+        self,
+        dataset: Dataset,
+        where: list[str],
+        params: list[dt.datetime | dt.date],
+        source: str | None = None,
     ) -> Generator[pa.RecordBatch, None, None]:
-        """Stream the dataset's rows in time order as batches of its Arrow schema."""
+        """Stream the dataset's rows in time order as batches of its Arrow schema.
+
+        ``source`` replaces the dataset's table (a subquery, as `_task_sums` makes).
+        """
         schema = dataset.schema()
         columns = ", ".join(self._q(f.name) for f in schema)
-        source = self._q(dataset.table.name)
+        source = source or self._q(dataset.table.name)
         order = self._q(dataset.time_column)
         if self.sqlite:
             self.start_reader()

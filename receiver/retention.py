@@ -106,12 +106,22 @@ class PruneReport:
         return out
 
 
-def _prunable(cutoff: dt.datetime, include_quarantined: bool) -> ColumnElement[bool]:
+def _prunable(
+    cutoff: dt.datetime, include_quarantined: bool, *, walk: bool = False
+) -> ColumnElement[bool]:
+    """The deliveries a prune at ``cutoff`` takes.
+
+    ``walk``: the status test is wrapped so no index can serve it. With it bare,
+    SQLite searched ``ix_deliveries_status`` and sorted every processed delivery
+    for each batch (200 batches of 500: 32 s at 100,000 deliveries); wrapped, each
+    batch reads the next rows along the primary key.
+    """
     statuses = (*DONE, QUARANTINED) if include_quarantined else DONE
+    status = func.coalesce(Delivery.status, "") if walk else Delivery.status
     return and_(
         Delivery.received_at < cutoff,
         Delivery.body_pruned_at.is_(None),
-        Delivery.status.in_(statuses),
+        status.in_(statuses),
     )
 
 
@@ -158,13 +168,14 @@ def prune(
         return report
     last = ""
     condition = _prunable(cutoff, include_quarantined)
+    walk = _prunable(cutoff, include_quarantined, walk=True)
     while stop is None or not stop.is_set():
         # Found outside the write transaction: on SQLite the scan never holds the write lock.
         with engine.connect() as conn:
             ids = list(
                 conn.scalars(
                     select(Delivery.id)
-                    .where(Delivery.id > last, condition)
+                    .where(Delivery.id > last, walk)
                     .order_by(Delivery.id)
                     .limit(batch_size)
                 )
