@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -369,3 +370,32 @@ def test_retention_setting() -> None:
     assert Settings.from_env({"RECEIVER_RETENTION": "30d"}).retention == dt.timedelta(days=30)
     with pytest.raises(ValueError, match="RECEIVER_RETENTION"):
         Settings.from_env({"RECEIVER_RETENTION": "forever"})
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_prune_shows_a_progress_bar_on_a_terminal(engine: Engine, db_url: str) -> None:
+    import pty
+    import subprocess
+    import sys
+
+    seed_direct(engine, 1200, age=dt.timedelta(hours=1))
+    controller, terminal = pty.openpty()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "receiver", "prune", "--older-than", "30m", "--format", "json"],
+            env={**os.environ, "RECEIVER_DATABASE_URL": db_url},
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            timeout=120,
+            check=True,
+        )
+        os.close(terminal)
+        shown = b""
+        with contextlib.suppress(OSError):  # EIO once the child's end is closed and read
+            while chunk := os.read(controller, 65536):
+                shown += chunk
+    finally:
+        os.close(controller)
+    assert json.loads(result.stdout)["deliveries"] == 1200
+    assert b"pruning" in shown  # rich's bar, not the plain lines
+    assert b"pruned 1,200 deliveries" not in shown
