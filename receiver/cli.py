@@ -5,9 +5,11 @@ Each command's docstring is its ``--help``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -537,45 +539,33 @@ def prune(
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--older-than") from error
     engine = _engine(ctx)
-    if dry_run or not sys.stderr.isatty():
-
-        def plain(done: int, size: int) -> None:
-            click.echo(f"pruned {done:,} deliveries ({size:,} bytes)", err=True)
-
+    with _prune_progress(shown=not dry_run) as shown:
         report = retention.prune(
-            engine,
-            cutoff,
-            include_quarantined=include_quarantined,
-            dry_run=dry_run,
-            progress=None if dry_run else plain,
+            engine, cutoff, include_quarantined=include_quarantined, dry_run=dry_run, progress=shown
         )
-    else:
-        from rich.console import Console
-        from rich.progress import Progress
-
-        planned = retention.plan(engine, cutoff, include_quarantined=include_quarantined)[0]
-        with Progress(console=Console(stderr=True)) as bar:
-            task = bar.add_task("pruning", total=planned)
-            report = retention.prune(
-                engine,
-                cutoff,
-                include_quarantined=include_quarantined,
-                progress=lambda done, _: bar.update(task, completed=done),
-            )
     if vacuum_ and not dry_run:
         report.vacuum = retention.vacuum(engine)
-    summary = report.as_dict()
     if format_ == "json":
-        click.echo(json.dumps(summary))
+        click.echo(json.dumps(report.as_dict()))
         return
-    rows = [[k, v] for k, v in summary.items() if k != "vacuum"]
-    if report.vacuum is not None:
-        rows += [
-            ["vacuum", report.vacuum.method],
-            ["bytes before", f"{report.vacuum.bytes_before:,}"],
-            ["bytes after", f"{report.vacuum.bytes_after:,}"],
-        ]
-    _print_table("prune (dry run)" if dry_run else "prune", ["", "value"], rows)
+    _print_table("prune (dry run)" if dry_run else "prune", ["", "value"], report.rows())
+
+
+@contextlib.contextmanager
+def _prune_progress(*, shown: bool) -> Iterator[Callable[[int, int, int], None] | None]:
+    """A progress bar on a terminal (stderr), one plain line per batch otherwise."""
+    if not shown:
+        yield None
+        return
+    if not sys.stderr.isatty():
+        yield lambda done, size, _: click.echo(f"pruned {done:,} deliveries ({size:,} B)", err=True)
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("pruning")
+        yield lambda done, _, planned: bar.update(task, completed=done, total=planned)
 
 
 @main.command("export")

@@ -59,8 +59,8 @@ BATCH = 500
 #: Between batches: lets a waiting writer (the ledger) take SQLite's lock first.
 PAUSE_SECONDS = 0.005
 
-#: Told ``(deliveries, bytes)`` pruned so far, after each batch.
-Progress = Callable[[int, int], None]
+#: Told ``(deliveries, bytes, planned)`` after each batch: pruned so far, and deliveries to prune.
+Progress = Callable[[int, int, int], None]
 
 
 @dataclass(frozen=True)
@@ -86,6 +86,17 @@ class PruneReport:
     #: Deliveries received before the cutoff that keep their body (quarantined, not yet processed).
     kept: int = 0
     vacuum: VacuumReport | None = None
+
+    def rows(self) -> list[list[Any]]:
+        """The summary as (name, value) rows for a table."""
+        rows: list[list[Any]] = [[k, v] for k, v in self.as_dict().items() if k != "vacuum"]
+        if self.vacuum is not None:
+            rows += [
+                ["vacuum", self.vacuum.method],
+                ["bytes before", f"{self.vacuum.bytes_before:,}"],
+                ["bytes after", f"{self.vacuum.bytes_after:,}"],
+            ]
+        return rows
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -188,7 +199,7 @@ def prune(
         report.deliveries += removed
         report.bytes += removed_bytes
         if progress is not None:
-            progress(report.deliveries, report.bytes)
+            progress(report.deliveries, report.bytes, planned)
         if pause is None:
             time.sleep(PAUSE_SECONDS)
         else:
