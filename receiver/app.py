@@ -22,6 +22,7 @@ from receiver.logs import DeliveryLine, configure_logging, log_delivery
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
 from receiver.openapi import openapi_document
 from receiver.pipeline import Pipeline
+from receiver.retention import RetentionWorker
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
 
@@ -45,6 +46,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     ledger = Ledger(engine, on_committed=committed)
     spool = Spool(settings.data_dir / "spool")
     drainer = SpoolDrainer(spool, engine, on_committed=committed)
+    retention = (
+        None
+        if settings.retention is None
+        else RetentionWorker(engine, settings.retention, busy=lambda: ledger.busy())
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -53,9 +59,13 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         ledger.start()
         pipeline.submit_unprocessed()
         drainer.start()  # deliveries spooled before a crash or restart go in first
+        if retention is not None:
+            retention.start()
         try:
             yield
         finally:
+            if retention is not None:
+                retention.stop()
             # uvicorn has let in-flight requests finish; commit what is queued, then process it.
             drainer.stop()
             ledger.stop()
@@ -89,6 +99,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.metrics = metrics
     app.state.spool = spool
     app.state.spool_drainer = drainer
+    app.state.retention = retention
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
     app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
     app.state.deadlines = Deadlines()

@@ -5,9 +5,11 @@ Each command's docstring is its ``--help``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -492,8 +494,11 @@ def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
             ).first()
     meta = {k: v for k, v in row._mapping.items() if k != "body"}
     click.echo(json.dumps(meta, indent=2, default=str))
-    click.echo("--- body ---")
-    sys.stdout.write(row.body.decode("utf-8", "replace") + "\n")
+    if row.body_pruned_at is not None:
+        click.echo(f"--- body pruned at {row.body_pruned_at} (retention) ---")
+    else:
+        click.echo("--- body ---")
+        sys.stdout.write(row.body.decode("utf-8", "replace") + "\n")
     if output is not None:
         click.echo(f"--- output ({output.output_type}) ---")
         click.echo(output.content)
@@ -508,8 +513,11 @@ def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
 @click.option("--quarantined", is_flag=True, help="only quarantined deliveries")
 @click.pass_context
 def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantined: bool) -> None:
-    """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent)."""
-    from sqlalchemy import select
+    """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent).
+
+    Deliveries whose body was pruned keep their rows and are counted as ``pruned``.
+    """
+    from sqlalchemy import func, select
 
     from receiver.classify import parse_time
     from receiver.models import Delivery
@@ -527,13 +535,82 @@ def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantin
     if quarantined:
         query = query.where(Delivery.status == "quarantined")
     with engine.connect() as conn:
-        ids = list(conn.scalars(query))
-    counts: dict[str, int] = {}
+        pruned = conn.scalar(
+            select(func.count()).select_from(
+                query.where(Delivery.body_pruned_at.is_not(None)).subquery()
+            )
+        )
+        ids = list(conn.scalars(query.where(Delivery.body_pruned_at.is_(None))))
+    counts: dict[str, int] = {"pruned": pruned} if pruned else {}
     with click.progressbar(ids, label="reprocessing", file=sys.stderr) as bar:
         for delivery_id in bar:
             outcome = process_delivery(engine, delivery_id, max_depth=_settings(ctx).max_depth)
             counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    click.echo(json.dumps({"deliveries": len(ids), **counts}))
+    click.echo(json.dumps({"deliveries": len(ids) + (pruned or 0), **counts}))
+
+
+@main.command()
+@click.option("--older-than", required=True, help="a duration: 90s, 15m, 12h, 30d")
+@click.option("--dry-run", is_flag=True, help="only count what would be removed")
+@click.option("--include-quarantined", is_flag=True, help="prune quarantined bodies too")
+@click.option("--vacuum", "vacuum_", is_flag=True, help="then give the space back (see README)")
+@click.option(
+    "--format",
+    "format_",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+)
+@click.pass_context
+def prune(
+    ctx: click.Context,
+    older_than: str,
+    dry_run: bool,
+    include_quarantined: bool,
+    vacuum_: bool,
+    format_: str,
+) -> None:
+    """Remove raw bodies of processed and duplicate deliveries received over DURATION ago.
+
+    Metadata (size, SHA-256, headers, status) and everything derived stay; each
+    pruned delivery records when. In batches: safe to interrupt and rerun.
+    """
+    from receiver import retention
+    from receiver.db import utcnow
+    from receiver.settings import parse_duration
+
+    try:
+        cutoff = utcnow() - parse_duration(older_than)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--older-than") from error
+    engine = _engine(ctx)
+    with _prune_progress(shown=not dry_run) as shown:
+        report = retention.prune(
+            engine, cutoff, include_quarantined=include_quarantined, dry_run=dry_run, progress=shown
+        )
+    if vacuum_ and not dry_run:
+        report.vacuum = retention.vacuum(engine)
+    if format_ == "json":
+        click.echo(json.dumps(report.as_dict()))
+        return
+    _print_table("prune (dry run)" if dry_run else "prune", ["", "value"], report.rows())
+
+
+@contextlib.contextmanager
+def _prune_progress(*, shown: bool) -> Iterator[Callable[[int, int, int], None] | None]:
+    """A progress bar on a terminal (stderr), one plain line per batch otherwise."""
+    if not shown:
+        yield None
+        return
+    if not sys.stderr.isatty():
+        yield lambda done, size, _: click.echo(f"pruned {done:,} deliveries ({size:,} B)", err=True)
+        return
+    from rich.console import Console
+    from rich.progress import Progress
+
+    with Progress(console=Console(stderr=True)) as bar:
+        task = bar.add_task("pruning")
+        yield lambda done, _, planned: bar.update(task, completed=done, total=planned)
 
 
 @main.command("export")

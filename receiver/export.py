@@ -14,12 +14,8 @@ Polars (and refused by pandas). A leading underscore (``_date=``) would not
 do: pyarrow and pandas skip directories starting with ``_`` or ``.``.
 Destinations written in the old layout (manifest format 1) are refused.
 
-A run holds an exclusive lock on ``DEST/.export.lock`` (``flock``) from
-reading the manifest to writing it, so a second export to the same local
-folder fails at once with `DestinationBusy`; the OS drops the lock when its
-holder dies, so a killed run never blocks the next one, which deletes the
-temporary files the killed run left. Remote destinations (``s3://``) are not
-locked: pyarrow has no conditional write to build a lock object on.
+One run at a time per local folder: see `receiver.destinations` (the manifest,
+the commit journal and the ``flock`` lock live there).
 
 Partitions are UTC dates. Deliveries and result rows go by the time their
 delivery was received (``received_at`` / ``_received_at``) and are
@@ -32,6 +28,15 @@ tasks whose last delivery is new (``tasks.parquet``); the rollups are
 rewritten for the same days. ``until`` stops short of the oldest delivery
 not yet processed (its rows do not exist yet) and of the last ``lag``
 seconds (deliveries still being committed).
+
+One run is one snapshot: every dataset is cut at ``until`` by the delivery
+its rows come from (`Dataset.cut_column`): a row is in the run if that
+delivery was received before ``until``. Deliveries and result rows by their
+receive time; ``tasks`` by the receive time of ``last_delivery_id`` (a task
+updated within the lag waits for the next run, with its delivery); a dataset
+added later by the first of `CUT_COLUMNS` it has. The rollups are summed for
+the run from the tasks it exports (`receiver.rollups.task_sums_sql`), not read
+from the views, so they count no task the run leaves out.
 
 Reprocessing (``receiver reprocess``) re-derives the rows of deliveries
 already exported, below the watermarks. Each run records in the manifest the
@@ -74,14 +79,11 @@ batches written one row group at a time, so memory does not grow with the
 table; a reader thread fetches the next batches while the current ones are
 compressed, so reading and writing overlap.
 
-Both databases are read with ADBC, straight into Arrow with no Python object
-per value. PostgreSQL in this process (libpq ``COPY``). SQLite in a child
-process (`serve_sqlite_reads`) that streams Arrow IPC back through a pipe: the
-ADBC SQLite driver bundles its own SQLite library, and two SQLite libraries
-in one process break SQLite's POSIX locking (closing either's file
-descriptor drops the other's locks). That is also why this module imports
-SQLAlchemy and the receiver's models only inside functions: the child imports
-it and stays small.
+The stages, one module each: this one plans a run and writes its SQL;
+`receiver.windows` says up to when and which days to rewrite;
+`receiver.readers` reads the database into Arrow (ADBC; SQLite in a child
+process, and why); `receiver.partitions` writes the Parquet files;
+`receiver.destinations` commits them.
 
 Readers: DuckDB ``read_parquet('DEST/t/**/*.parquet', union_by_name = true)``;
 pyarrow ``dataset(..., partitioning="hive", schema=<unified>)``; pandas
@@ -92,60 +94,81 @@ file's columns when a table grew between runs; an explicit schema needs a
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import datetime as dt
-import fcntl
-import glob
-import io
 import json
-import os
-import queue
-import re
-import struct
-import subprocess
-import sys
-import tempfile
-import threading
 import uuid
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
-from typing import IO, TYPE_CHECKING, Any, Literal, cast
+from typing import Any, Literal, cast
 
 import pyarrow as pa
-import pyarrow.compute as pc
+import pyarrow.fs as pafs
+from sqlalchemy import Column, Engine, MetaData, Table, select
+from sqlalchemy import types as sqltypes
 
-from receiver.errors import DestinationBusy, ReceiverError
+from receiver import destinations
+from receiver.columns import ColumnType
+from receiver.db import utcnow
+from receiver.destinations import (
+    JOURNAL,
+    PARTITION_KEY,
+    apply_plan,
+    complete_journal,
+    delete_temporaries,
+    destination_lock,
+    open_destination,
+    read_manifest,
+    relative,
+)
+from receiver.errors import ReceiverError
+from receiver.models import Delivery, ResultColumn, ResultTable, Task
+from receiver.partitions import PartitionWriter
+from receiver.readers import (
+    SQLITE_PLACEHOLDERS,
+    PostgresqlReader,
+    SqliteChild,
+    read_ahead,
+    sqlite_param,
+    sqlite_path,
+    stored_type,
+)
+from receiver.rollups import VIEWS, task_sums_sql
+from receiver.schema import TableInfo
+from receiver.windows import (
+    day_ranges,
+    day_start,
+    export_until,
+    exported_recently,
+    reprocessed_days,
+    task_day,
+)
 
-if TYPE_CHECKING:
-    import pyarrow.fs as pafs
-    import pyarrow.parquet as pq
-    from sqlalchemy import Engine, Table
-    from sqlalchemy import types as sqltypes
+__all__ = [
+    "JOURNAL",
+    "PARTITION_KEY",
+    "Dataset",
+    "DatasetReport",
+    "ExportReport",
+    "arrow_type",
+    "complete_journal",
+    "datasets",
+    "export",
+    "open_destination",
+    "read_manifest",
+]
 
-MANIFEST = "_manifest.json"
-#: A run's commit plan (renames, deletions, manifest), written before its first rename when it
-#: replaces files, and completed by the next run if the run died before finishing it.
-JOURNAL = ".export-journal.json"
-#: The manifest's format: 2 since partitions are ``date_=`` (1 wrote ``date=``).
-FORMAT = 2
-#: The Hive partition key: a name no exported column can have (see the module docstring).
-PARTITION_KEY = "date_"
-#: Held (``flock``) by the run exporting to a local folder; hidden from readers and globs.
-LOCK = ".export.lock"
-#: A staged file's name (`_Run.stage`, `_Run.write_atomically`): ``.<name>.<run id>.tmp``.
-_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{12}\.tmp")
-ROW_GROUP_ROWS = 128 * 1024
 #: Read batch sizes: measured, 64 Ki rows (SQLite) or 16 MB (PostgreSQL, ADBC's default)
 #: cost 30-50 MB more peak memory at 1M rows for no speed.
 _SQLITE_BATCH_ROWS = 16 * 1024
-_POSTGRESQL_BATCH_BYTES = 4 << 20
 #: Batches the reader thread may hold ahead of the writer (memory: a few batches).
 _READ_AHEAD = 2
-#: The SQLite child's pipe: Linux's default 64 KiB costs a context switch per 64 KiB.
-_PIPE_BYTES = 1 << 20
 
 Progress = Callable[[str, int], None]
+
+#: Columns that tie a row to its delivery, in the order `Dataset.cut_column` looks for them;
+#: a ``*_received_at`` one holds the delivery's receive time, the others its id.
+CUT_COLUMNS = ("_received_at", "last_delivery_id", "_delivery_id", "delivery_id")
 
 
 @dataclass(frozen=True)
@@ -159,6 +182,22 @@ class Dataset:
     mode: Literal["append", "rewrite"]
     #: A result table's hook: only its deliveries have rows in it.
     hook: str | None = None
+    #: The column that cuts the dataset at the run's instant (`cut_column`); None: inferred.
+    cut: str | None = None
+    #: A rollup view: its rows are summed afresh from the tasks the run exports (cut by theirs).
+    sums_of_tasks: bool = False
+
+    def cut_column(self) -> str | None:
+        """The column naming the delivery each row comes from: its receive time, or its id.
+
+        Inferred from the columns when not given, so every dataset follows the rule:
+        ``_received_at`` (a time), then ``last_delivery_id``, ``_delivery_id``,
+        ``delivery_id`` (ids). The rollups' sums go by their tasks' ``last_delivery_id``.
+        """
+        if self.cut is not None:
+            return self.cut
+        names = {c.name for c in self.table.columns}
+        return next((c for c in CUT_COLUMNS if c in names), None)
 
     def schema(self) -> pa.Schema:
         names = [c.name for c in self.table.columns]
@@ -193,7 +232,6 @@ class ExportReport:
 
 def arrow_type(type_: sqltypes.TypeEngine[Any]) -> pa.DataType:
     """The Arrow type a column of SQL type ``type_`` is exported as."""
-    from sqlalchemy import types as sqltypes
 
     if isinstance(type_, sqltypes.Boolean):
         return pa.bool_()
@@ -212,12 +250,6 @@ def arrow_type(type_: sqltypes.TypeEngine[Any]) -> pa.DataType:
 
 def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
     """Every dataset the export knows, result tables as catalogued right now."""
-    from sqlalchemy import Column, MetaData, Table, select
-
-    from receiver.columns import ColumnType
-    from receiver.models import Delivery, ResultColumn, ResultTable, Task
-    from receiver.rollups import VIEWS
-    from receiver.schema import TableInfo
 
     delivery_columns = [
         Column(c.name, c.type)
@@ -231,6 +263,7 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
             Table("deliveries", MetaData(), *delivery_columns),
             "received_at",
             "append",
+            cut="received_at",
         ),
     ]
     with engine.connect() as conn:
@@ -246,37 +279,11 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
         Dataset(name, info.sqla_table(), "_received_at", "append", info.hook)
         for name, info in infos.items()
     ]
-    out += [Dataset(name, view, "day", "rewrite") for name, view in VIEWS.items()]
+    out += [
+        Dataset(name, view, "day", "rewrite", cut="last_delivery_id", sums_of_tasks=True)
+        for name, view in VIEWS.items()
+    ]
     return out
-
-
-def open_destination(dest: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and root path for a local folder or a URI (``s3://bucket/prefix``)."""
-    import pyarrow.fs as pafs
-
-    if "://" in dest:
-        fs, path = pafs.FileSystem.from_uri(dest)
-        return fs, path.rstrip("/")
-    return pafs.LocalFileSystem(), os.path.abspath(dest)
-
-
-def read_manifest(fs: pafs.FileSystem, root: str) -> dict[str, Any]:
-    """The destination's manifest, or an empty one before the first run."""
-
-    path = f"{root}/{MANIFEST}"
-    if not _exists(fs, path):
-        return {"format": FORMAT, "partition_key": PARTITION_KEY, "watermarks": {}, "runs": []}
-    with fs.open_input_stream(path) as stream:
-        manifest: dict[str, Any] = json.loads(stream.read())
-    if manifest.get("format") == 1:
-        raise ReceiverError(
-            f"{root} holds an export in the old layout (partitions date=..., which hide a result"
-            f" column named date from Hive readers); export to a new folder, which gets every"
-            f" row again in the current layout ({PARTITION_KEY}=...), and delete the old one"
-        )
-    if manifest.get("format") != FORMAT:
-        raise ReceiverError(f"{path}: manifest format {manifest.get('format')!r} is not {FORMAT}")
-    return manifest
 
 
 def export(
@@ -295,13 +302,12 @@ def export(
     ``filesystem`` overrides the filesystem ``dest`` implies (``dest`` is then a
     path inside it). ``tables`` limits the run to those datasets.
     """
-    from receiver.db import utcnow
 
     fs, root = (filesystem, dest.rstrip("/")) if filesystem is not None else open_destination(dest)
     with destination_lock(fs, root) as locked:
         complete_journal(fs, root)  # first: it names temporary files still to be renamed
         if locked:
-            _delete_temporaries(root)
+            delete_temporaries(root)
         run = _Run(engine, fs, root, uuid.uuid4().hex[:12], progress)
         started = utcnow()
         try:
@@ -328,8 +334,8 @@ def export(
                 )
             running = [d for d in chosen if _before(lowers[d.name], until)]
             names = {d.name for d in running}
-            rewrites = _reprocessed_days(engine, manifest, running, lowers, since, processed_until)
-            seen = _exported_recently(
+            rewrites = reprocessed_days(engine, manifest, running, lowers, since, processed_until)
+            seen = exported_recently(
                 engine, [lowers[d.name] for d in running], until, processed_until
             )
             for dataset in chosen:
@@ -362,9 +368,9 @@ def export(
             plan = {
                 "run_id": run.run_id,
                 "renames": [
-                    [_relative(root, s.temporary), _relative(root, s.final)] for s in run.staged
+                    [relative(root, s.temporary), relative(root, s.final)] for s in run.staged
                 ],
-                "deletions": [_relative(root, path) for path in replaced],
+                "deletions": [relative(root, path) for path in replaced],
                 "manifest": manifest,
             }
             if replaced:  # a crash between renames and deletions would show both: journal it
@@ -372,7 +378,7 @@ def export(
         except BaseException:
             run.abort()
             raise
-        _apply(fs, root, plan, run.run_id)
+        apply_plan(fs, root, plan, run.run_id)
         return report
 
 
@@ -388,294 +394,6 @@ def _run_entry(report: DatasetReport) -> dict[str, Any]:
 def _before(lower: dt.datetime | None, until: dt.datetime) -> bool:
     """Whether a dataset starting at ``lower`` has rows to export before ``until``."""
     return lower is None or lower < until
-
-
-def _relative(root: str, path: str) -> str:
-    return path.removeprefix(root + "/")
-
-
-def complete_journal(fs: pafs.FileSystem, root: str) -> bool:
-    """Finish the commit of a run that died after writing its journal; whether there was one."""
-
-    path = f"{root}/{JOURNAL}"
-    if not _exists(fs, path):
-        return False
-    with fs.open_input_stream(path) as stream:
-        plan: dict[str, Any] = json.loads(stream.read())
-    _apply(fs, root, plan, uuid.uuid4().hex[:12])
-    return True
-
-
-def _apply(fs: pafs.FileSystem, root: str, plan: dict[str, Any], run_id: str) -> None:
-    """Renames, then deletions, then the manifest, then the journal goes: each step redoable."""
-
-    for temporary, final in plan["renames"]:
-        source = f"{root}/{temporary}"
-        if _exists(fs, source):
-            fs.move(source, f"{root}/{final}")
-        elif not _exists(fs, f"{root}/{final}"):
-            raise ReceiverError(f"{root}/{JOURNAL}: {temporary} and {final} are both missing")
-    _delete_replaced(fs, [f"{root}/{p}" for p in plan["deletions"]])
-    _write_atomically(
-        fs, f"{root}/{MANIFEST}", json.dumps(plan["manifest"], indent=2).encode(), run_id
-    )
-    if plan["deletions"]:
-        fs.delete_file(f"{root}/{JOURNAL}")
-
-
-def _delete_replaced(fs: pafs.FileSystem, paths: list[str]) -> None:
-    """Delete the files rewritten days replaced (already gone: deleted by an earlier try)."""
-
-    for path in paths:
-        if _exists(fs, path):
-            fs.delete_file(path)
-
-
-def _exists(fs: pafs.FileSystem, path: str) -> bool:
-    import pyarrow.fs as pafs
-
-    return bool(fs.get_file_info(path).type != pafs.FileType.NotFound)
-
-
-def _write_atomically(fs: pafs.FileSystem, path: str, data: bytes, run_id: str) -> None:
-    directory, name = path.rsplit("/", 1)
-    temporary = f"{directory}/.{name}.{run_id}.tmp"
-    fs.create_dir(directory, recursive=True)
-    with fs.open_output_stream(temporary) as stream:
-        stream.write(data)
-    fs.move(temporary, path)
-
-
-@contextlib.contextmanager
-def destination_lock(fs: pafs.FileSystem, root: str) -> Iterator[bool]:
-    """Hold ``root``'s export lock; yields whether there is one (local folders only).
-
-    ``flock`` on ``root/.export.lock``, not waited for: a second export to the
-    same folder raises `DestinationBusy` at once. The file stays; the lock goes
-    with the descriptor, so also when the holder is killed.
-    """
-    import pyarrow.fs as pafs
-
-    if not isinstance(fs, pafs.LocalFileSystem):
-        yield False  # no conditional write in pyarrow's S3 to build a lock on
-        return
-    from receiver.db import utcnow
-
-    os.makedirs(root, exist_ok=True)
-    path = os.path.join(root, LOCK)
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    try:
-        try:
-            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(descriptor, 256, 0).decode("utf-8", "replace").strip()
-            raise DestinationBusy(
-                f"another export to {root} is running ({holder or 'holder unknown'});"
-                f" try again once it has finished"
-            ) from None
-        os.ftruncate(descriptor, 0)
-        os.pwrite(descriptor, f"pid {os.getpid()}, since {utcnow().isoformat()}\n".encode(), 0)
-        yield True
-    finally:
-        os.close(descriptor)  # releases the lock
-
-
-def _delete_temporaries(root: str) -> None:
-    """Delete what runs that died left staged (only safe while holding the lock).
-
-    Only this module's names are touched: ``.<file>.<run id>.tmp`` in the
-    partition folders, and the manifest's and the journal's in ``root``.
-    """
-    doomed = glob.glob(os.path.join(glob.escape(root), f"*/{PARTITION_KEY}=*/.*.parquet.*.tmp"))
-    doomed += glob.glob(os.path.join(glob.escape(root), f".{MANIFEST}.*.tmp"))
-    doomed += glob.glob(os.path.join(glob.escape(root), f".{JOURNAL}.*.tmp"))
-    for path in doomed:
-        if _TEMPORARY.fullmatch(os.path.basename(path)):
-            with contextlib.suppress(FileNotFoundError):
-                os.remove(path)
-
-
-def export_until(engine: Engine, lag: dt.timedelta) -> dt.datetime:
-    """The end of this run's window: ``lag`` ago, but before any delivery not yet processed."""
-    from sqlalchemy import func, select
-
-    from receiver.db import utcnow
-    from receiver.models import Delivery
-
-    until = utcnow() - lag
-    with engine.connect() as conn:
-        pending = conn.scalar(
-            select(func.min(Delivery.received_at)).where(Delivery.status == "stored")
-        )
-    if pending is not None:
-        until = min(until, _aware(pending))
-    return until
-
-
-def _reprocessed_days(
-    engine: Engine,
-    manifest: dict[str, Any],
-    running: list[Dataset],
-    lowers: dict[str, dt.datetime | None],
-    since: dt.datetime | None,
-    processed_until: dt.datetime,
-) -> dict[str, set[str]]:
-    """Per dataset, the UTC days to rewrite: where deliveries it exported were (re)processed since.
-
-    A dataset's window of ``processed_at`` runs from the mark its last run recorded
-    (an older manifest: its watermark) to ``processed_until``; deliveries the last run
-    exported in their current state (same ``processed_at``) do not count. One query, on
-    the partial index over ``processed_at``.
-    """
-    from sqlalchemy import select
-
-    from receiver.models import Delivery
-
-    marks: dict[str, str] = manifest.get("processed_marks", {})
-    seen_state: dict[str, Any] = manifest.get("processed_seen") or {}
-    seen: dict[str, str] = seen_state.get("deliveries", {})
-    windows: dict[str, tuple[dt.datetime, dt.datetime, bool]] = {}
-    for dataset in running:
-        lower = lowers[dataset.name]
-        mark = marks.get(dataset.name) or manifest["watermarks"].get(dataset.name)
-        if lower is None or dataset.name not in manifest["watermarks"] or mark is None:
-            continue  # nothing exported yet: this run writes every day it has
-        applies = seen_state.get("at") is not None and seen_state.get("at") == marks.get(
-            dataset.name
-        )
-        windows[dataset.name] = (dt.datetime.fromisoformat(mark), lower, applies)
-    if not windows:
-        return {}
-    first = min(w[0] for w in windows.values())
-    below = max(w[1] for w in windows.values())
-    if first >= processed_until:
-        return {}
-    query = select(Delivery.id, Delivery.hook, Delivery.received_at, Delivery.processed_at).where(
-        Delivery.processed_at >= first,
-        Delivery.processed_at < processed_until,
-        Delivery.received_at < below,
-    )
-    if since is not None:  # rows before it are not this destination's
-        query = query.where(Delivery.received_at >= since)
-    with engine.connect() as conn:
-        found = [
-            (r.id, r.hook, _aware(r.received_at), _aware(r.processed_at))
-            for r in conn.execute(query)
-        ]
-    out: dict[str, set[str]] = {}
-    task_days: dict[frozenset[str], set[str]] = {}  # tasks and the rollups ask alike
-    for dataset in running:
-        if dataset.name not in windows or not found:
-            continue
-        start, lower, applies = windows[dataset.name]
-        picked = [
-            (id_, received)
-            for id_, hook, received, processed in found
-            if processed >= start
-            and received < lower
-            and (dataset.hook is None or hook == dataset.hook)
-            and not (applies and seen.get(id_) == processed.isoformat())
-        ]
-        if not picked:
-            continue
-        if dataset.mode == "append":
-            out[dataset.name] = {received.date().isoformat() for _, received in picked}
-        else:  # tasks and the rollups: the days of those deliveries' tasks
-            ids = frozenset(id_ for id_, _ in picked)
-            if ids not in task_days:
-                task_days[ids] = _task_days(engine, ids)
-            days = task_days[ids]
-            if days:
-                out[dataset.name] = days
-    return out
-
-
-def _exported_recently(
-    engine: Engine,
-    lowers: list[dt.datetime | None],
-    until: dt.datetime,
-    processed_until: dt.datetime,
-) -> dict[str, str]:
-    """Deliveries every running dataset exports in full, processed at or after ``processed_until``.
-
-    Recorded so the next run, whose window starts there, does not take them for
-    reprocessed: read before the datasets, so a later processing shows as a new
-    ``processed_at``. Few: about the delivery rate times the lag.
-    """
-    from sqlalchemy import select
-
-    from receiver.models import Delivery
-
-    if not lowers:
-        return {}
-    query = select(Delivery.id, Delivery.processed_at).where(
-        Delivery.processed_at >= processed_until, Delivery.received_at < until
-    )
-    known = [lower for lower in lowers if lower is not None]
-    if known:
-        query = query.where(Delivery.received_at >= max(known))
-    with engine.connect() as conn:
-        return {r.id: _aware(r.processed_at).isoformat() for r in conn.execute(query)}
-
-
-def _task_day(engine: Engine) -> Any:
-    """A task's ``first_seen_at`` UTC day as ``YYYY-MM-DD`` text, in SQL."""
-    from sqlalchemy import func
-
-    from receiver.models import Task
-
-    if engine.dialect.name == "sqlite":
-        return func.substr(Task.first_seen_at, 1, 10)
-    return func.to_char(func.timezone("UTC", Task.first_seen_at), "YYYY-MM-DD")
-
-
-#: Delivery ids per ``IN`` list when looking up their tasks.
-_IDS_PER_QUERY = 500
-
-
-def _task_days(engine: Engine, delivery_ids: frozenset[str]) -> set[str]:
-    """Days of the tasks these deliveries last updated or now belong to."""
-    from sqlalchemy import and_, select, union
-
-    from receiver.models import Delivery, Task
-
-    day = _task_day(engine)
-    ids = sorted(delivery_ids)
-    out: set[str] = set()
-    with engine.connect() as conn:
-        for i in range(0, len(ids), _IDS_PER_QUERY):
-            chunk = ids[i : i + _IDS_PER_QUERY]
-            last = select(day).where(Task.last_delivery_id.in_(chunk))
-            owner = (
-                select(day)
-                .select_from(Task)
-                .join(Delivery, and_(Delivery.hook == Task.hook, Delivery.task_id == Task.task_id))
-                .where(Delivery.id.in_(chunk))
-            )
-            out.update(conn.scalars(union(last, owner)))
-    return out
-
-
-def _day_ranges(days: set[str]) -> list[tuple[dt.date, dt.date]]:
-    """``days`` as runs of consecutive days, first and last of each."""
-    ranges: list[tuple[dt.date, dt.date]] = []
-    for day in sorted(dt.date.fromisoformat(d) for d in days):
-        if ranges and ranges[-1][1] + dt.timedelta(days=1) == day:
-            ranges[-1] = (ranges[-1][0], day)
-        else:
-            ranges.append((day, day))
-    return ranges
-
-
-def _day_start(day: dt.date, dataset: Dataset) -> dt.datetime | dt.date:
-    """The bound a day starts at in the dataset's time column (a date for the rollups)."""
-    if dataset.time_column == "day":
-        return day
-    return dt.datetime.combine(day, dt.time(), dt.UTC)
-
-
-def _aware(value: dt.datetime) -> dt.datetime:
-    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
 def _stamp(value: dt.datetime | None) -> str:
@@ -708,13 +426,13 @@ class _Run:
         self.sqlite = engine.dialect.name == "sqlite"
         self.staged: list[_Staged] = []
         self.open_temporaries: set[str] = set()
-        self._postgresql: _PostgresqlReader | None = None
-        self._sqlite_child: _SqliteChild | None = None
+        self._postgresql: PostgresqlReader | None = None
+        self._sqlite_child: SqliteChild | None = None
 
     def start_reader(self) -> None:
         """Start the SQLite reader process now, so its start-up overlaps other work."""
         if self.sqlite and self._sqlite_child is None:
-            self._sqlite_child = _SqliteChild(_sqlite_path(self.engine))
+            self._sqlite_child = SqliteChild(sqlite_path(self.engine))
             self._sqlite_child.start()
 
     def dataset(
@@ -730,6 +448,7 @@ class _Run:
         where: list[str] = []
         params: list[dt.datetime | dt.date] = []
         only: set[str] | None = None
+        ranges: list[tuple[dt.date, dt.date]] = []
         column = self._q(dataset.time_column)
         if dataset.mode == "append":
             where = [f"{column} < ?"]
@@ -737,12 +456,12 @@ class _Run:
             if lower is not None:
                 window = f"{column} >= ?"
                 window_params: list[dt.datetime | dt.date] = [lower]
-                for first, last in _day_ranges(rewrite):
-                    start = _day_start(first, dataset)
+                for first, last in day_ranges(rewrite):
+                    start = day_start(first, dataset)
                     if since is not None:
                         start = max(cast(dt.datetime, start), since)
                     window += f" OR ({column} >= ? AND {column} < ?)"
-                    window_params += [start, _day_start(last + dt.timedelta(days=1), dataset)]
+                    window_params += [start, day_start(last + dt.timedelta(days=1), dataset)]
                 where.insert(0, f"({window})")
                 params[:0] = window_params
             filename = f"part-{_stamp(lower)}.parquet"
@@ -753,19 +472,26 @@ class _Run:
                 only = self._changed_days(lower, until) | rewrite
                 if not only:
                     return report
-                ranges = _day_ranges(only)
+                ranges = day_ranges(only)
                 where = [
                     "(" + " OR ".join(f"({column} >= ? AND {column} < ?)" for _ in ranges) + ")"
                 ]
                 for first, last in ranges:
                     params += [
-                        _day_start(first, dataset),
-                        _day_start(last + dt.timedelta(days=1), dataset),
+                        day_start(first, dataset),
+                        day_start(last + dt.timedelta(days=1), dataset),
                     ]
+        source = None
+        cut_column = dataset.cut_column()
+        if dataset.sums_of_tasks and cut_column is not None:
+            source, where, params = self._task_sums(dataset, cut_column, ranges, until)
+        elif cut_column is not None:
+            where.append(self._cut(self._q(dataset.table.name), cut_column))
+            params.append(until)
         report.rewritten = sorted(rewrite)
-        writer = _PartitionWriter(self, dataset, filename, report)
+        writer = PartitionWriter(self, dataset, filename, report)
         try:
-            for batch in _read_ahead(self._read(dataset, where, params), _READ_AHEAD):
+            for batch in read_ahead(self._read(dataset, where, params, source), _READ_AHEAD):
                 writer.write(batch, only)
         except BaseException:
             writer.discard()
@@ -777,14 +503,44 @@ class _Run:
         quoted: str = self.engine.dialect.identifier_preparer.quote(name)
         return quoted
 
+    def _cut(self, source: str, column: str) -> str:
+        """The snapshot rule as SQL, one ``?`` for ``until``: the row's delivery came before it."""
+        if column.endswith("received_at"):
+            return f"{source}.{self._q(column)} < ?"
+        return (
+            f"EXISTS (SELECT 1 FROM deliveries AS cut_ WHERE cut_.id = {source}.{self._q(column)}"
+            " AND cut_.received_at < ?)"
+        )
+
+    def _task_sums(
+        self,
+        dataset: Dataset,
+        cut_column: str,
+        ranges: list[tuple[dt.date, dt.date]],
+        until: dt.datetime,
+    ) -> tuple[str, list[str], list[dt.datetime | dt.date]]:
+        """A rollup's source, summed from the tasks of its days that the run's cut lets in."""
+
+        conditions: list[str] = []
+        params: list[dt.datetime | dt.date] = []
+        if ranges:
+            day = "(t.first_seen_at >= ? AND t.first_seen_at < ?)"
+            conditions.append("(" + " OR ".join(day for _ in ranges) + ")")
+            for first, last in ranges:
+                params += [
+                    dt.datetime.combine(first, dt.time(), dt.UTC),
+                    dt.datetime.combine(last + dt.timedelta(days=1), dt.time(), dt.UTC),
+                ]
+        conditions.append(self._cut("t", cut_column))
+        params.append(until)
+        source = task_sums_sql(dataset.name, self.engine.dialect.name, " AND ".join(conditions))
+        return source, [], params
+
     def _changed_days(self, lower: dt.datetime, until: dt.datetime) -> set[str]:
         """UTC days (first seen) of tasks whose last delivery was received in the window."""
-        from sqlalchemy import select
-
-        from receiver.models import Delivery, Task
 
         query = (
-            select(_task_day(self.engine))
+            select(task_day(self.engine))
             .distinct()
             .select_from(Task)
             .join(Delivery, Delivery.id == Task.last_delivery_id)
@@ -794,12 +550,19 @@ class _Run:
             return set(conn.scalars(query))
 
     def _read(
-        self, dataset: Dataset, where: list[str], params: list[dt.datetime | dt.date]
+        self,
+        dataset: Dataset,
+        where: list[str],
+        params: list[dt.datetime | dt.date],
+        source: str | None = None,
     ) -> Generator[pa.RecordBatch, None, None]:
-        """Stream the dataset's rows in time order as batches of its Arrow schema."""
+        """Stream the dataset's rows in time order as batches of its Arrow schema.
+
+        ``source`` replaces the dataset's table (a subquery, as `_task_sums` makes).
+        """
         schema = dataset.schema()
         columns = ", ".join(self._q(f.name) for f in schema)
-        source = self._q(dataset.table.name)
+        source = source or self._q(dataset.table.name)
         order = self._q(dataset.time_column)
         if self.sqlite:
             self.start_reader()
@@ -808,7 +571,7 @@ class _Run:
             # each column's Arrow type: ADBC infers types from the first batch's values,
             # and a column that is NULL throughout it would otherwise be typed int64.
             placeholder = ", ".join(
-                f"{_SQLITE_PLACEHOLDERS[_stored_type(f.type)]} AS {self._q(f.name)}" for f in schema
+                f"{SQLITE_PLACEHOLDERS[stored_type(f.type)]} AS {self._q(f.name)}" for f in schema
             )
             conditions = " AND ".join([f"{order} IS NOT NULL", *where])
             sql = (
@@ -816,11 +579,11 @@ class _Run:
                 f"SELECT {columns} FROM {source} WHERE {conditions} ORDER BY {order}"
             )
             yield from self._sqlite_child.read(
-                sql, [_sqlite_param(p) for p in params], schema, _SQLITE_BATCH_ROWS
+                sql, [sqlite_param(p) for p in params], schema, _SQLITE_BATCH_ROWS
             )
             return
         if self._postgresql is None:
-            self._postgresql = _PostgresqlReader(self.engine)
+            self._postgresql = PostgresqlReader(self.engine)
         sql = f"SELECT {columns} FROM {source}"
         if where:
             sql += f" WHERE {' AND '.join(where)}"
@@ -842,7 +605,6 @@ class _Run:
 
     def replaced_files(self, chosen: list[Dataset], report: ExportReport) -> list[str]:
         """The visible files of rewritten append days that this run's files replace."""
-        import pyarrow.fs as pafs
 
         finals = {s.final for s in self.staged}
         doomed: list[str] = []
@@ -863,8 +625,8 @@ class _Run:
                     ):
                         doomed.append(info.path)
         for path in sorted(doomed):
-            relative = _relative(self.root, path)
-            report.datasets[relative.split("/", 1)[0]].replaced.append(relative)
+            shown = relative(self.root, path)
+            report.datasets[shown.split("/", 1)[0]].replaced.append(shown)
         return sorted(doomed)
 
     def abort(self) -> None:
@@ -885,434 +647,4 @@ class _Run:
             self._sqlite_child = None
 
     def write_atomically(self, path: str, data: bytes) -> None:
-        _write_atomically(self.fs, path, data, self.run_id)
-
-
-_END = object()
-
-
-def _read_ahead(
-    batches: Generator[pa.RecordBatch, None, None], depth: int
-) -> Iterator[pa.RecordBatch]:
-    """Run ``batches`` in a thread, up to ``depth`` batches ahead of the caller.
-
-    The drivers and the Parquet writer release the GIL, so the next batches are
-    read (and cast) while the caller compresses the current ones. Leaving the
-    loop early stops the thread and closes ``batches`` there.
-    """
-    slots: queue.Queue[object] = queue.Queue(depth)
-    stop = threading.Event()
-
-    def offer(item: object) -> bool:
-        while not stop.is_set():
-            with contextlib.suppress(queue.Full):
-                slots.put(item, timeout=0.05)
-                return True
-        return False
-
-    def pump() -> None:
-        try:
-            for batch in batches:
-                if not offer(batch):
-                    return
-            offer(_END)
-        except BaseException as error:
-            offer(error)
-        finally:
-            batches.close()
-
-    thread = threading.Thread(target=pump, name="export-reader", daemon=True)
-    thread.start()
-    try:
-        while (item := slots.get()) is not _END:
-            if isinstance(item, BaseException):
-                raise item
-            yield item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join()
-
-
-class _PostgresqlReader:
-    """One ADBC connection to PostgreSQL for the run (low-level API: no pandas import)."""
-
-    def __init__(self, engine: Engine) -> None:
-        import adbc_driver_manager
-        import adbc_driver_postgresql
-
-        url = engine.url.set(drivername="postgresql").render_as_string(hide_password=False)
-        self._database = adbc_driver_postgresql.connect(url)
-        self._connection = adbc_driver_manager.AdbcConnection(self._database)
-
-    def _query(self, sql: str) -> tuple[Any, pa.RecordBatchReader]:
-        import adbc_driver_manager
-
-        statement = adbc_driver_manager.AdbcStatement(self._connection)
-        try:
-            statement.set_options(
-                **{"adbc.postgresql.batch_size_hint_bytes": str(_POSTGRESQL_BATCH_BYTES)}
-            )
-            statement.set_sql_query(sql)
-            stream, _ = statement.execute_query()
-            return statement, pa.RecordBatchReader.from_stream(stream)
-        except BaseException:
-            statement.close()
-            raise
-
-    def read(
-        self, sql: str, params: list[dt.datetime | dt.date], schema: pa.Schema
-    ) -> Generator[pa.RecordBatch, None, None]:
-        # libpq streams (COPY) only queries without bind parameters, so the values
-        # travel as session settings, set by one parameterised statement.
-        if params:
-            import adbc_driver_manager
-
-            settings = ", ".join(
-                f"set_config('receiver.export_p{i}', ${i + 1}, false)" for i in range(len(params))
-            )
-            statement = adbc_driver_manager.AdbcStatement(self._connection)
-            try:
-                statement.set_sql_query(f"SELECT {settings}")
-                statement.bind(_text_row([p.isoformat() for p in params]))
-                stream, _ = statement.execute_query()
-                pa.RecordBatchReader.from_stream(stream).read_all()
-            finally:
-                statement.close()
-            for i, value in enumerate(params):
-                kind = "timestamptz" if isinstance(value, dt.datetime) else "date"
-                sql = sql.replace(
-                    "?", f"CAST(current_setting('receiver.export_p{i}') AS {kind})", 1
-                )
-        statement, reader = self._query(sql)
-        try:
-            for batch in reader:
-                if batch.num_rows:
-                    yield _conform(batch, schema)
-        finally:
-            reader.close()
-            statement.close()
-
-    def close(self) -> None:
-        self._connection.close()
-        self._database.close()
-
-
-class _SqliteChild:
-    """A child process reading SQLite through ADBC for this run (see `serve_sqlite_reads`).
-
-    Requests go as JSON lines on its stdin; each answer is one Arrow IPC stream
-    on its stdout, already cast to the export types. Its stderr goes to a file,
-    read for the message when the child fails.
-    """
-
-    def __init__(self, database: str) -> None:
-        self.database = database
-        self._process: subprocess.Popen[bytes] | None = None
-        self._errors: IO[bytes] | None = None
-
-    def start(self) -> subprocess.Popen[bytes]:
-        """The child, started if it is not running."""
-        if self._process is None:
-            package_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-            bootstrap = (
-                f"import sys; sys.path.insert(0, {package_parent!r}); "
-                "from receiver.export import serve_sqlite_reads; serve_sqlite_reads()"
-            )
-            self._errors = tempfile.TemporaryFile()  # noqa: SIM115 (closed by close())
-            process = subprocess.Popen(
-                [sys.executable, "-c", bootstrap],
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=self._errors,
-            )
-            assert process.stdout is not None
-            with contextlib.suppress(OSError):  # a larger pipe is an optimisation only
-                fcntl.fcntl(process.stdout.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
-            self._process = process
-        return self._process
-
-    def read(
-        self, sql: str, params: list[str], schema: pa.Schema, batch_rows: int
-    ) -> Generator[pa.RecordBatch, None, None]:
-        process = self.start()
-        assert process.stdin is not None
-        assert process.stdout is not None
-        request = {
-            "database": self.database,
-            "sql": sql,
-            "params": params,
-            "schema": base64.b64encode(schema.serialize().to_pybytes()).decode(),
-            "batch_rows": batch_rows,
-        }
-        finished = False
-        try:
-            try:
-                process.stdin.write(json.dumps(request).encode() + b"\n")
-                process.stdin.flush()
-                with pa.ipc.open_stream(
-                    pa.PythonFile(cast(io.IOBase, process.stdout), mode="r")
-                ) as reader:
-                    yield from reader
-            except (OSError, pa.ArrowException) as error:
-                raise self._failure() from error
-            finished = True
-        finally:
-            if not finished:  # left mid-stream: the pipe cannot be resynchronised
-                self.close(kill=True)
-
-    def _failure(self) -> ReceiverError:
-        process, errors = self._process, self._errors
-        assert process is not None
-        assert errors is not None
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-        errors.seek(0)
-        lines = errors.read().decode("utf-8", "replace").strip().splitlines()
-        return ReceiverError(f"the SQLite reader failed: {lines[-1] if lines else 'no message'}")
-
-    def close(self, *, kill: bool = False) -> None:
-        """End the child: idle, it ends at the end of its stdin; ``kill`` when it is mid-answer."""
-        process, self._process = self._process, None
-        if process is not None:
-            if kill:
-                process.kill()
-            for pipe in (process.stdin, process.stdout):
-                if pipe is not None:
-                    with contextlib.suppress(OSError):
-                        pipe.close()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        if self._errors is not None:
-            self._errors.close()
-            self._errors = None
-
-
-def serve_sqlite_reads() -> None:
-    """Child process of `_SqliteChild`: answer each request line with an Arrow IPC stream.
-
-    Runs ``sql`` with ``params`` through ADBC's SQLite driver, read only, drops
-    the placeholder first row, casts to the request's schema, and writes the
-    batches to stdout. On error the traceback goes to stderr and the child exits.
-    """
-    import adbc_driver_manager
-    import adbc_driver_sqlite
-
-    out = pa.PythonFile(cast(io.IOBase, sys.stdout.buffer), mode="w")
-    databases: dict[str, tuple[Any, Any]] = {}
-    try:
-        for line in sys.stdin.buffer:
-            request = json.loads(line)
-            schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(request["schema"])))
-            if request["database"] not in databases:
-                database = adbc_driver_sqlite.connect(f"file:{request['database']}?mode=ro")
-                databases[request["database"]] = (
-                    database,
-                    adbc_driver_manager.AdbcConnection(database),
-                )
-            _, connection = databases[request["database"]]
-            statement = adbc_driver_manager.AdbcStatement(connection)
-            try:
-                statement.set_options(
-                    **{"adbc.sqlite.query.batch_rows": str(request["batch_rows"])}
-                )
-                statement.set_sql_query(request["sql"])
-                if request["params"]:
-                    statement.bind(_text_row(request["params"]))
-                stream, _ = statement.execute_query()
-                with (
-                    pa.RecordBatchReader.from_stream(stream) as reader,
-                    pa.ipc.new_stream(out, schema) as writer,
-                ):
-                    placeholder = True
-                    for batch in reader:
-                        if placeholder:
-                            batch, placeholder = _without_placeholder(batch), False
-                        if batch.num_rows:
-                            writer.write_batch(_conform(batch, schema))
-                out.flush()
-            finally:
-                statement.close()
-    finally:
-        for database, connection in databases.values():
-            connection.close()
-            database.close()
-
-
-def _text_row(values: list[str]) -> pa.RecordBatch:
-    """One row of text parameters from raw buffers: ``pa.array`` on Python values imports pandas."""
-    columns = []
-    for value in values:
-        data = value.encode()
-        offsets = pa.py_buffer(struct.pack("<ii", 0, len(data)))
-        columns.append(pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(data)]))
-    return pa.RecordBatch.from_arrays(columns, names=[f"p{i}" for i in range(len(values))])
-
-
-def _without_placeholder(batch: pa.RecordBatch) -> pa.RecordBatch:
-    """The first batch of a SQLite read without its placeholder row (checked, not assumed)."""
-    if batch.num_rows == 0 or any(
-        batch.column(i)[0].as_py() not in ("", 0, 0.0, b"") for i in range(batch.num_columns)
-    ):
-        raise ReceiverError("the SQLite read did not start with its placeholder row")
-    return batch.slice(1)
-
-
-#: Typed literals for the placeholder row, by how SQLite stores the column.
-_SQLITE_PLACEHOLDERS: dict[pa.DataType, str] = {
-    pa.string(): "''",
-    pa.int64(): "0",
-    pa.float64(): "0.0",
-    pa.large_binary(): "X''",
-}
-
-
-def _sqlite_path(engine: Engine) -> str:
-    path = engine.url.database
-    if not path or path == ":memory:":
-        raise ValueError("exporting needs an SQLite database file, not an in-memory database")
-    return os.path.abspath(path)
-
-
-class _PartitionWriter:
-    """Writes time-ordered batches to one file per UTC date, in row groups of a useful size."""
-
-    def __init__(self, run: _Run, dataset: Dataset, filename: str, report: DatasetReport) -> None:
-        self.run = run
-        self.dataset = dataset
-        self.filename = filename
-        self.report = report
-        self.schema = dataset.schema()
-        self.date: str | None = None
-        self.done: set[str] = set()
-        self.buffer: list[pa.RecordBatch] = []
-        self.buffered = 0
-        self.rows = 0
-        self.stream: Any = None
-        self.writer: pq.ParquetWriter | None = None
-        self.paths: tuple[str, str] | None = None
-
-    def write(self, batch: pa.RecordBatch, only: set[str] | None) -> None:
-        """Add a batch of rows in time order: each day's rows are one run, sliced, not copied."""
-        days = _days(batch.column(self.dataset.time_column))
-        runs = pc.run_end_encode(days)  # type: ignore[attr-defined]  # not in pyarrow-stubs
-        start = 0
-        for end, value in zip(runs.run_ends, runs.values, strict=True):
-            part, start = batch.slice(start, end.as_py() - start), end.as_py()
-            if not value.is_valid:
-                continue
-            day = value.as_py().isoformat()
-            if only is not None and day not in only:
-                continue
-            if day != self.date:
-                if day in self.done:
-                    raise ReceiverError(f"{self.dataset.name}: rows out of time order at {day}")
-                self.finish()
-                self._open(day)
-            self.buffer.append(part)
-            self.buffered += part.num_rows
-            while self.buffered >= ROW_GROUP_ROWS:
-                self._flush(ROW_GROUP_ROWS)
-
-    def _open(self, day: str) -> None:
-        import pyarrow.parquet as pq
-
-        directory = f"{self.run.root}/{self.dataset.name}/{PARTITION_KEY}={day}"
-        self.paths = self.run.stage(directory, self.filename)
-        self.stream = self.run.fs.open_output_stream(self.paths[0])
-        self.writer = pq.ParquetWriter(
-            self.stream, self.schema, compression="zstd", memory_pool=_memory_pool()
-        )
-        self.date = day
-        self.done.add(day)
-        self.rows = 0
-
-    def _flush(self, rows: int | None = None) -> None:
-        """Write ``rows`` buffered rows (all by default) as one row group, whatever the batches."""
-        if not self.buffer or self.writer is None:
-            return
-        table = pa.Table.from_batches(self.buffer, self.schema)
-        rows = table.num_rows if rows is None else rows
-        self.writer.write_table(table.slice(0, rows), row_group_size=ROW_GROUP_ROWS)
-        self.buffer = table.slice(rows).to_batches()
-        self.buffered -= rows
-        self.rows += rows
-        self.report.rows += rows
-        if self.run.progress is not None:
-            self.run.progress(self.dataset.name, self.report.rows)
-
-    def finish(self) -> None:
-        """Close the open file and stage it for the commit."""
-        if self.writer is None or self.paths is None:
-            return
-        self._flush()
-        self.writer.close()
-        self.stream.close()
-        self.writer = None
-        temporary, final = self.paths
-        self.run.staged_file(temporary, final, self.rows)
-        self.report.files.append(
-            {"path": final.removeprefix(self.run.root + "/"), "rows": self.rows}
-        )
-
-    def discard(self) -> None:
-        """After an error: release the open file, left to the run's abort to delete."""
-        for closable in (self.writer, self.stream):
-            if closable is not None:
-                # The run is failing already: its error is the one to see.
-                with contextlib.suppress(Exception):
-                    closable.close()
-        self.writer = self.stream = None
-
-
-def _memory_pool() -> pa.MemoryPool:
-    """The allocator for the export's own buffers: the system's, which returns freed memory.
-
-    pyarrow's default (mimalloc) keeps per-thread heaps, and batches made in the
-    reader thread and freed in the writer's grow them: ~35 MB more peak at 1M rows.
-    """
-    return pa.system_memory_pool()
-
-
-def _days(column: pa.Array[Any]) -> pa.Array[Any]:
-    """Each row's UTC date (date32)."""
-    if pa.types.is_timestamp(column.type):
-        return column.cast(pa.date32(), safe=False)
-    return column
-
-
-def _stored_type(type_: pa.DataType) -> pa.DataType:
-    """How SQLite stores a column of export type ``type_``: times as text, booleans as 0/1."""
-    if pa.types.is_timestamp(type_) or pa.types.is_date(type_):
-        return pa.string()
-    if pa.types.is_boolean(type_):
-        return pa.int64()
-    return type_
-
-
-def _sqlite_param(value: dt.datetime | dt.date) -> str:
-    """A bound time as SQLite stores it (SQLAlchemy's naive UTC text), a date as ISO text."""
-    if isinstance(value, dt.datetime):
-        return (
-            value.astimezone(dt.UTC)
-            .replace(tzinfo=None)
-            .isoformat(sep=" ", timespec="microseconds")
-        )
-    return value.isoformat()
-
-
-def _conform(batch: pa.RecordBatch, schema: pa.Schema) -> pa.RecordBatch:
-    """Cast what the driver returned to the export types (SQLite: text times, 0/1 booleans)."""
-    arrays = []
-    for f in schema:
-        column = batch.column(f.name)
-        if pa.types.is_timestamp(f.type) and not pa.types.is_timestamp(column.type):
-            column = column.cast(pa.timestamp("us")).cast(f.type)
-        elif pa.types.is_timestamp(f.type) and column.type.tz is None:
-            column = column.cast(f.type)
-        arrays.append(column if column.type == f.type else column.cast(f.type))
-    return pa.RecordBatch.from_arrays(arrays, schema=schema)
+        destinations.write_atomically(self.fs, path, data, self.run_id)

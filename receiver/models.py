@@ -63,7 +63,7 @@ class Token(Base):
 
 
 class Delivery(Base):
-    """One POST exactly as received. Never updated except for its processing state."""
+    """One POST exactly as received. Never updated but for its processing state and retention."""
 
     __tablename__ = "deliveries"
     __table_args__ = (
@@ -100,6 +100,8 @@ class Delivery(Base):
     task_id: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str | None] = mapped_column(Text)
     processed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    #: Set by retention (`receiver.retention`): the body is gone (empty), the rest stays.
+    body_pruned_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
 
 
 class Task(Base):

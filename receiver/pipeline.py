@@ -41,7 +41,7 @@ HELD_BYTES = 64 * 2**20
 @dataclass(frozen=True)
 class Outcome:
     delivery_id: str
-    status: str  # processed | quarantined
+    status: str  # processed | quarantined | duplicate | pruned (body gone: nothing redone)
     reason: str | None = None
 
 
@@ -93,10 +93,25 @@ def process_deliveries(
         if missing:
             raise LookupError(missing[0])
         bodies = dict(bodies or {})
-        unread = [i for i in delivery_ids if i not in bodies and found[i].status != "duplicate"]
+        unread = [
+            i
+            for i in delivery_ids
+            if i not in bodies
+            and found[i].status != "duplicate"
+            and found[i].body_pruned_at is None
+        ]
+        pruned = {i for i in delivery_ids if found[i].body_pruned_at is not None}
         if unread:
-            read = conn.execute(select(Delivery.id, Delivery.body).where(Delivery.id.in_(unread)))
-            bodies.update((row.id, row.body) for row in read)
+            read = conn.execute(
+                select(Delivery.id, Delivery.body, Delivery.body_pruned_at).where(
+                    Delivery.id.in_(unread)
+                )
+            )
+            for row in read:
+                if row.body_pruned_at is not None:  # pruned since its row was read
+                    pruned.add(row.id)
+                else:
+                    bodies[row.id] = row.body
         hooks = {row.hook for row in found.values()}
         registered = {h: expected_output(conn, h) for h in hooks}
         conn.rollback()  # end the read; the writes below run in their own transaction
@@ -107,6 +122,9 @@ def process_deliveries(
             delivery = found[delivery_id]
             if delivery.status == "duplicate":
                 outcomes[delivery_id] = Outcome(delivery_id, "duplicate")
+                continue
+            if delivery_id in pruned:  # nothing to derive from: keep what was derived
+                outcomes[delivery_id] = Outcome(delivery_id, "pruned")
                 continue
             expected, _ = registered[delivery.hook]
             try:

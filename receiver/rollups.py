@@ -107,6 +107,45 @@ def fold(engine: Engine) -> None:
             conn.execute(text(sql))
 
 
+_TASK_DAY = {
+    # SQLAlchemy stores SQLite timestamps as naive UTC text 'YYYY-MM-DD HH:MM:SS.ffffff'.
+    "sqlite": "substr(t.first_seen_at, 1, 10)",
+    "postgresql": "CAST(t.first_seen_at AT TIME ZONE 'UTC' AS date)",
+}
+#: A task's labels, one row each (none unless a JSON object), as in migration 0005.
+_TASK_LABELS = {
+    "sqlite": "json_each(CASE json_type(t.labels) WHEN 'object' THEN t.labels ELSE '{}' END)",
+    "postgresql": (
+        "jsonb_each_text(CASE jsonb_typeof(CAST(t.labels AS jsonb))"
+        " WHEN 'object' THEN CAST(t.labels AS jsonb) ELSE '{}' END)"
+    ),
+}
+
+
+def task_sums_sql(view: str, dialect: str, condition: str) -> str:
+    """A subquery: the rows of rollup ``view`` summed over the tasks ``t`` meeting ``condition``.
+
+    What the rollup tables keep current, computed afresh (the definition the views
+    had before migrations 0003 and 0005): the export sums the very tasks it exports
+    with it, so a rollup row never counts a task that the run leaves out.
+    """
+    day = _TASK_DAY[dialect]
+    labelled = view == "cost_by_label"
+    keys = [day, "t.hook", "t.status", *(["l.key", "l.value"] if labelled else [])]
+    names = ["day", "hook", "status", *(["label_key", "label_value"] if labelled else [])]
+    source = "tasks AS t" + (f", {_TASK_LABELS[dialect]} AS l" if labelled else "")
+    sums = [
+        "COUNT(*) AS tasks",
+        "COUNT(*) - COUNT(t.cost_usd) AS tasks_unknown_cost",
+        *(f"CAST(SUM(t.{m}) AS BIGINT) AS {m}" for m in MEASURES[2:5]),
+        *(f"SUM(t.{m}) AS {m}" for m in MEASURES[5:]),
+    ]
+    columns = ", ".join([*(f"{k} AS {n}" for k, n in zip(keys, names, strict=True)), *sums])
+    return (
+        f"(SELECT {columns} FROM {source} WHERE {condition} GROUP BY {', '.join(keys)}) AS {view}"
+    )
+
+
 def parse_grouping(value: str) -> str:
     """Check one ``--by`` value: a name of `GROUPINGS` or ``label:KEY``."""
     if value in GROUPINGS or (value.startswith("label:") and len(value) > len("label:")):

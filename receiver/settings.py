@@ -7,7 +7,9 @@ result is passed down, so tests build settings directly and nothing reads
 
 from __future__ import annotations
 
+import datetime as dt
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +48,12 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("RECEIVER_MAX_DEPTH", "5", "JSON nesting depth flattened into columns; deeper is JSON text."),
     ("RECEIVER_LOG_FORMAT", "plain", "`plain` or `json`: one log line per delivery."),
     ("RECEIVER_AUTH_CACHE_SECONDS", "2", "How long per-hook token hashes are cached in memory."),
+    (
+        "RECEIVER_RETENTION",
+        "(none)",
+        "Keep raw bodies this long (`30d`, `12h`): `serve` prunes older ones at start and daily."
+        " Unset: forever.",
+    ),
 )
 
 
@@ -61,6 +69,8 @@ class Settings:
     max_depth: int = 5
     log_format: str = "plain"
     auth_cache_seconds: float = 2.0
+    #: Raw bodies older than this are pruned by `serve` (`receiver.retention`); None: kept.
+    retention: dt.timedelta | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -89,6 +99,7 @@ class Settings:
             max_depth=_number(env, "RECEIVER_MAX_DEPTH", 5, int),
             log_format=log_format,
             auth_cache_seconds=_number(env, "RECEIVER_AUTH_CACHE_SECONDS", 2.0, float),
+            retention=_retention(env.get("RECEIVER_RETENTION", "")),
         )
 
 
@@ -105,3 +116,24 @@ def _number(env: Mapping[str, str], name: str, default: _N, kind: type[_N]) -> _
     if value < 0:
         raise SettingsError(f"{name} must not be negative, not {raw!r}")
     return value
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_DURATION = re.compile(r"\s*(\d+)\s*([smhdw])\s*")
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``90s``, ``15m``, ``12h``, ``30d`` or ``2w`` as a timedelta (a positive whole number)."""
+    match = _DURATION.fullmatch(text)
+    if match is None or int(match.group(1)) <= 0:
+        raise ValueError(f"not a duration: {text!r} (a positive number and s, m, h, d or w: 30d)")
+    return dt.timedelta(seconds=int(match.group(1)) * _UNITS[match.group(2)])
+
+
+def _retention(text: str) -> dt.timedelta | None:
+    if not text.strip():
+        return None
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise SettingsError(f"RECEIVER_RETENTION: {error}") from None

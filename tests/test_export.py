@@ -25,6 +25,7 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, func, select
 from starlette.testclient import TestClient
 
+from receiver import destinations, partitions
 from receiver import export as export_module
 from receiver.cli import main
 from receiver.errors import ReceiverError
@@ -301,15 +302,15 @@ def test_a_run_that_died_before_its_manifest_is_redone_without_duplicates(
     post_cases(client, engine, CASES[:4])
     export(engine, str(out), lag=NOW)
     post_cases(client, engine, CASES[4:])
-    real = export_module._write_atomically
+    real = destinations.write_atomically
 
     def dies(*args: Any) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "_write_atomically", dies)
+    monkeypatch.setattr(destinations, "write_atomically", dies)
     with pytest.raises(KeyboardInterrupt):
         export(engine, str(out), lag=NOW)
-    monkeypatch.setattr(export_module, "_write_atomically", real)
+    monkeypatch.setattr(destinations, "write_atomically", real)
     export(engine, str(out), lag=NOW)  # same window start: same file names, overwritten
     check_readback(engine, out)
 
@@ -317,7 +318,7 @@ def test_a_run_that_died_before_its_manifest_is_redone_without_duplicates(
 def test_rows_stream_in_batches(
     client: TestClient, engine: Engine, out: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(export_module, "ROW_GROUP_ROWS", 500)
+    monkeypatch.setattr(partitions, "ROW_GROUP_ROWS", 500)
     monkeypatch.setattr(export_module, "_SQLITE_BATCH_ROWS", 250)
     post_items(client, engine, [{"n": i, "label": f"row {i}"} for i in range(3000)])
     seen: list[tuple[str, int]] = []
@@ -450,6 +451,6 @@ def test_export_to_s3(client: TestClient, engine: Engine, s3: pafs.S3FileSystem)
     names = [i.path for i in infos if i.type == pafs.FileType.File]
     assert "exports/run/_manifest.json" in names
     assert not [n for n in names if n.endswith(".tmp")]
-    assert not [n for n in names if n.endswith(export_module.LOCK)]  # S3: not locked (README)
+    assert not [n for n in names if n.endswith(destinations.LOCK)]  # S3: not locked (README)
     manifest = json.loads(s3.open_input_stream("exports/run/_manifest.json").read())
     assert manifest["runs"][0]["datasets"]["tasks"]["rows"] == 8

@@ -15,8 +15,9 @@ import pytest
 from sqlalchemy import Engine
 from starlette.testclient import TestClient
 
+from receiver.destinations import LOCK
 from receiver.errors import DestinationBusy
-from receiver.export import LOCK, export
+from receiver.export import export
 from tests.test_export import CASES, NOW, check_readback, parquet_files, post_cases, post_items
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,7 +19,7 @@ import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
-from receiver import export as export_module
+from receiver import destinations
 from receiver.export import JOURNAL, ExportReport, export
 from receiver.models import Delivery
 from receiver.pipeline import process_delivery
@@ -193,14 +193,14 @@ def test_a_run_that_dies_between_its_renames_and_deletions_is_completed_by_the_n
     root = hook_tables(engine, "strict")[()]
 
     # Dying before its journal is written: nothing visible changes.
-    real_write = export_module._write_atomically
+    real_write = destinations.write_atomically
 
     def no_journal(fs: Any, path: str, data: bytes, run_id: str) -> None:
         if path.endswith(JOURNAL):
             raise KeyboardInterrupt
         real_write(fs, path, data, run_id)
 
-    monkeypatch.setattr(export_module, "_write_atomically", no_journal)
+    monkeypatch.setattr(destinations, "write_atomically", no_journal)
     with pytest.raises(KeyboardInterrupt):
         export(engine, str(out), lag=NOW)
     assert snapshot(out) == before
@@ -210,7 +210,7 @@ def test_a_run_that_dies_between_its_renames_and_deletions_is_completed_by_the_n
     def dies(fs: Any, paths: list[str]) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_module, "_delete_replaced", dies)
+    monkeypatch.setattr(destinations, "delete_replaced", dies)
     with pytest.raises(KeyboardInterrupt):
         export(engine, str(out), lag=NOW)
     assert (out / JOURNAL).is_file()
