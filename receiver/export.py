@@ -296,11 +296,13 @@ def export(
     with_bodies: bool = False,
     lag: dt.timedelta = dt.timedelta(seconds=2),
     progress: Progress | None = None,
+    now: dt.datetime | None = None,
 ) -> ExportReport:
     """Export what is new since the destination's manifest (or ``since``) to ``dest``.
 
     ``filesystem`` overrides the filesystem ``dest`` implies (``dest`` is then a
-    path inside it). ``tables`` limits the run to those datasets.
+    path inside it). ``tables`` limits the run to those datasets. ``now`` is where
+    ``lag`` counts back from (default: the clock), so a test can place the cut exactly.
     """
 
     fs, root = (filesystem, dest.rstrip("/")) if filesystem is not None else open_destination(dest)
@@ -322,8 +324,9 @@ def export(
                 chosen = [d for d in chosen if d.name in tables]
             # Before `until`: every processing that set processed_at < processed_until
             # has committed by the time the queries below run (the lag's assumption).
-            processed_until = utcnow() - lag
-            until = export_until(engine, lag)
+            clock = now or utcnow()
+            processed_until = clock - lag
+            until = export_until(engine, lag, clock)
             report = ExportReport(run.run_id, until, {})
             lowers: dict[str, dt.datetime | None] = {}
             for dataset in chosen:

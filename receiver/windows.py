@@ -22,10 +22,10 @@ if TYPE_CHECKING:
     from receiver.export import Dataset
 
 
-def export_until(engine: Engine, lag: dt.timedelta) -> dt.datetime:
-    """The end of this run's window: ``lag`` ago, but before any delivery not yet processed."""
-
-    until = utcnow() - lag
+def export_until(engine: Engine, lag: dt.timedelta, now: dt.datetime | None = None) -> dt.datetime:
+    """The end of this run's window: ``lag`` before ``now``, but before any delivery not yet
+    processed."""
+    until = (now or utcnow()) - lag
     with engine.connect() as conn:
         pending = conn.scalar(
             select(func.min(Delivery.received_at)).where(Delivery.status == "stored")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from receiver import destinations
 from receiver.export import JOURNAL, ExportReport, export
 from receiver.models import Delivery
 from receiver.pipeline import process_delivery
+from receiver.windows import aware
 from tests.readback import deliver, hook_tables, run_cli
 from tests.test_export import (
     CASES,
@@ -134,11 +134,20 @@ def test_a_run_with_nothing_reprocessed_rewrites_nothing(
     export(engine, str(out), lag=NOW)
     files = parquet_files(out)
     late = deliver(client, engine, "items", b'[{"sku": "C", "price": 3.0}]')
-    time.sleep(2.3)
-    # Processed again just before a run whose window ends 2 s ago: that run exports
+    # Processed again just before a run whose window ends 2 s before its clock, placed so
+    # that the delivery was received before the cut and processed after it: that run exports
     # it as it is now, and records it, so the next run does not take it for reprocessed.
     process_delivery(engine, late.id, max_depth=5)
-    second = export(engine, str(out), lag=dt.timedelta(seconds=2))
+    with engine.connect() as conn:
+        row = conn.execute(
+            select(Delivery.received_at, Delivery.processed_at).where(Delivery.id == late.id)
+        ).one()
+    assert row.processed_at is not None
+    received, processed = aware(row.received_at), aware(row.processed_at)
+    assert received < processed
+    lag = dt.timedelta(seconds=2)
+    cut = received + (processed - received) / 2
+    second = export(engine, str(out), lag=lag, now=cut + lag)
     assert second.datasets["deliveries"].rows == 1
     manifest = json.loads((out / "_manifest.json").read_text())
     assert late.id in manifest["processed_seen"]["deliveries"]
