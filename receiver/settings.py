@@ -42,6 +42,12 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("RECEIVER_MAX_DEPTH", "5", "JSON nesting depth flattened into columns; deeper is JSON text."),
     ("RECEIVER_LOG_FORMAT", "plain", "`plain` or `json`: one log line per delivery."),
     ("RECEIVER_AUTH_CACHE_SECONDS", "2", "How long per-hook token hashes are cached in memory."),
+    (
+        "RECEIVER_CONSOLE_TOKEN",
+        "(none)",
+        "Opens the web console at `/console/` (sign-in form or `Authorization: Bearer ...`)."
+        " Unset: no console. Never a webhook token.",
+    ),
 )
 
 
@@ -57,6 +63,7 @@ class Settings:
     max_depth: int = 5
     log_format: str = "plain"
     auth_cache_seconds: float = 2.0
+    console_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -85,4 +92,5 @@ class Settings:
             max_depth=int(env.get("RECEIVER_MAX_DEPTH", "5")),
             log_format=log_format,
             auth_cache_seconds=float(env.get("RECEIVER_AUTH_CACHE_SECONDS", "2")),
+            console_token=env.get("RECEIVER_CONSOLE_TOKEN", "").strip() or None,
         )
