@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import jinja2
 from sqlalchemy import Engine
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
@@ -50,8 +51,16 @@ def when(value: dt.datetime | None) -> str:
     return value.astimezone(dt.UTC).strftime("%Y-%m-%d %H:%M:%S")
 
 
+@jinja2.pass_context
+def link(context: dict[str, Any], name: str, /, **params: Any) -> str:
+    """A route's path (no scheme or host: right behind any proxy)."""
+    request: Request = context["request"]
+    return request.url_for(name, **params).path
+
+
 def make_templates() -> Jinja2Templates:
     templates = Jinja2Templates(directory=TEMPLATES)
+    templates.env.globals["link"] = link
     templates.env.filters |= {"usd": usd, "number": number, "when": when}
     templates.env.globals["urlencode"] = urllib.parse.urlencode
     return templates
@@ -111,13 +120,13 @@ class Pages:
         form = await self.form(request)
         if access.token_matches(form.get("token", ""), self.token):
             access.sign_in(request, self.token)
-            return RedirectResponse(request.url_for("console:overview"), status_code=303)
+            return RedirectResponse(request.url_for("console:overview").path, status_code=303)
         return self.render(request, "sign_in.html", status_code=401, error="wrong token")
 
     async def sign_out(self, request: Request) -> Response:
         await self.form(request)
         request.session.clear()
-        return RedirectResponse(request.url_for("console:sign-in"), status_code=303)
+        return RedirectResponse(request.url_for("console:sign-in").path, status_code=303)
 
     # --- pages ---------------------------------------------------------------------------
 
@@ -259,7 +268,7 @@ class Pages:
             "counts": report.as_dict(),
             "reasons": dict(list(report.reasons.items())[:20]),
         }
-        return RedirectResponse(request.url_for("console:quarantine"), status_code=303)
+        return RedirectResponse(request.url_for("console:quarantine").path, status_code=303)
 
     async def tasks(self, request: Request) -> Response:
         if refused := self.guard(request):
