@@ -4,11 +4,17 @@ a non-UTF-8 one and a few hundred generated tasks (some failed, some of unknown 
 from __future__ import annotations
 
 import json
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import httpx
+from sqlalchemy import Engine, func, select
 from starlette.testclient import TestClient
 
 from receiver.cli import SAMPLES, sample_deliveries
+from receiver.listings import DeliveryStatus
+from receiver.models import Delivery
 from tests.conftest import TOKEN
 
 CONSOLE_TOKEN = "console-secret-1234"
@@ -57,30 +63,63 @@ class Seeded:
     deliveries: int
 
 
-def _post(client: TestClient, hook: str, body: bytes, content_type: str, query: str = "") -> str:
-    url = f"/hooks/{hook}" + (f"?{query}" if query else "")
-    response = client.post(
-        url, content=body, headers={"authorization": TOKEN, "content-type": content_type}
-    )
-    assert response.status_code == 200, response.text
-    delivery_id: str = response.json()["delivery_id"]
-    return delivery_id
+#: POST one delivery: (hook, body, content type, query string) -> its delivery id.
+Post = Callable[[str, bytes, str, str], str]
 
 
-def seed(client: TestClient, *, tasks: int = 300) -> Seeded:
-    """Fill the app's database through its own HTTP edge; the schema of hook ``strict`` (which
-    rejects sample 01's output) must be registered already."""
+def client_post(client: TestClient) -> Post:
+    def post(hook: str, body: bytes, content_type: str, query: str) -> str:
+        url = f"/hooks/{hook}" + (f"?{query}" if query else "")
+        headers = {"authorization": TOKEN, "content-type": content_type}
+        response = client.post(url, content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        delivery_id: str = response.json()["delivery_id"]
+        return delivery_id
+
+    return post
+
+
+def http_post(http: httpx.Client) -> Post:
+    """The same over real HTTP, to a live receiver."""
+
+    def post(hook: str, body: bytes, content_type: str, query: str) -> str:
+        url = f"/hooks/{hook}" + (f"?{query}" if query else "")
+        headers = {"authorization": TOKEN, "content-type": content_type}
+        response = http.post(url, content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        delivery_id: str = response.json()["delivery_id"]
+        return delivery_id
+
+    return post
+
+
+def seed(post: Post, *, tasks: int = 300) -> Seeded:
+    """Fill a database through the receiver's own HTTP edge; the schema of hook ``strict``
+    (which rejects sample 01's output) must be registered already."""
     csv_id = ""
     for sample in sample_deliveries():
         body = (SAMPLES / f"{sample['name']}.body").read_bytes()
         hook = "crypto" if "csv" in sample["name"] else "pricing"
-        delivery_id = _post(client, hook, body, sample["content_type"], "team=ops")
+        delivery_id = post(hook, body, sample["content_type"], "team=ops")
         if sample["name"] == "05-full-response-csv":
             csv_id = delivery_id
     sample_01 = (SAMPLES / "01-full-response-json.body").read_bytes()
-    quarantined_id = _post(client, "strict", sample_01, "application/json")
-    binary_id = _post(client, "pricing", b"\xff\xfe\x00binary\x81", "application/octet-stream")
+    quarantined_id = post("strict", sample_01, "application/json", "")
+    binary_id = post("pricing", b"\xff\xfe\x00binary\x81", "application/octet-stream", "")
     for n in range(1, tasks + 1):
-        _post(client, "generated", generated_task(n), "application/json", f"team=t{n % 3}")
-    client.app.state.pipeline.join()  # type: ignore[attr-defined]
+        post("generated", generated_task(n), "application/json", f"team=t{n % 3}")
     return Seeded(quarantined_id, binary_id, csv_id, len(sample_deliveries()) + 2 + tasks)
+
+
+def wait_processed(engine: Engine, timeout: float = 120.0) -> None:
+    """Until no delivery is left only stored (the pipeline works in the background)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            left = conn.scalar(
+                select(func.count()).where(Delivery.status == DeliveryStatus.STORED.value)
+            )
+        if not left:
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"{left} deliveries still unprocessed")

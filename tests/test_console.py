@@ -20,7 +20,14 @@ from receiver.console import create_console
 from receiver.models import Delivery
 from receiver.settings import Settings
 from tests.conftest import TOKEN
-from tests.consoledata import ACCEPTING_SCHEMA, CONSOLE_TOKEN, STRICT_SCHEMA, Seeded, seed
+from tests.consoledata import (
+    ACCEPTING_SCHEMA,
+    CONSOLE_TOKEN,
+    STRICT_SCHEMA,
+    Seeded,
+    client_post,
+    seed,
+)
 
 BEARER = {"authorization": f"Bearer {CONSOLE_TOKEN}"}
 
@@ -52,7 +59,9 @@ def console(console_settings: Settings, engine: Engine) -> Iterator[TestClient]:
 @pytest.fixture
 def seeded(console: TestClient, db_url: str, tmp_path: Path) -> Seeded:
     register(db_url, tmp_path, "strict", STRICT_SCHEMA)
-    return seed(console, tasks=40)
+    seeded = seed(client_post(console), tasks=40)
+    console.app.state.pipeline.join()  # type: ignore[attr-defined]
+    return seeded
 
 
 def csrf_of(html: str) -> str:
@@ -285,3 +294,12 @@ def test_tasks_list_and_timeline(console: TestClient, seeded: Seeded, engine: En
     assert "NAVIGATION_TIMEOUT" in task
     assert re.search(r'class="id" href="/console/deliveries/[0-9a-f-]{36}"', task)
     assert console.get("/console/tasks/gen-t9999", headers=BEARER).status_code == 404
+
+
+def test_the_readmes_screenshots_exist() -> None:
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    shots = re.findall(r"\((docs/console-[a-z]+\.png)\)", readme)
+    assert len(shots) == 6
+    for shot in shots:
+        data = (Path(__file__).resolve().parents[1] / shot).read_bytes()
+        assert data.startswith(b"\x89PNG"), shot
