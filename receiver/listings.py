@@ -456,10 +456,19 @@ def _tables(conn: Connection, *, hook: str | None = None, name: str | None = Non
     return list(listings.values())
 
 
-def list_tables(engine: Engine) -> list[TableListing]:
-    """Every result table with its catalogued columns and child tables."""
+def list_tables(
+    engine: Engine, *, since: dt.datetime | None = None, limit: int | None = None
+) -> list[TableListing]:
+    """Result tables by name (made at or after ``since``), with their columns and children."""
     with engine.connect() as conn:
-        return _tables(conn)
+        tables: list[TableListing] = _tables(conn)
+    if since is not None:
+        tables = [t for t in tables if _aware(t.created_at) >= since]
+    return tables if limit is None else tables[:limit]
+
+
+def _aware(value: dt.datetime) -> dt.datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=dt.UTC)
 
 
 def table_listing(engine: Engine, name: str) -> TableListing:
@@ -592,6 +601,46 @@ def top_labels(engine: Engine, *, since: dt.date | None = None, limit: int = 10)
     with engine.connect() as conn:
         rows = conn.execute(query).all()
     return sorted(rows, key=lambda r: (-(r.cost_usd or 0), -r.tasks))[:limit]
+
+
+@dataclass(frozen=True)
+class HookListing:
+    name: str
+    output_type: str | None
+    own_tokens: int
+    deliveries: int
+    created_at: dt.datetime
+
+
+def list_hooks(
+    engine: Engine, *, since: dt.datetime | None = None, limit: int | None = None
+) -> list[HookListing]:
+    """Hooks by name, with their output type, live tokens of their own and deliveries."""
+    from receiver.models import Hook, Token
+
+    query = select(Hook.name, Hook.output_type, Hook.created_at).order_by(Hook.name)
+    if since is not None:
+        query = query.where(Hook.created_at >= since)
+    if limit is not None:
+        query = query.limit(limit)
+    with engine.connect() as conn:
+        tokens = dict(
+            conn.execute(
+                select(Token.hook, func.count())
+                .where(Token.revoked_at.is_(None))
+                .group_by(Token.hook)
+            ).all()
+        )
+        counts = dict(
+            conn.execute(select(Delivery.hook, func.count()).group_by(Delivery.hook)).all()
+        )
+        rows = conn.execute(query).all()
+    return [
+        HookListing(
+            r.name, r.output_type, tokens.get(r.name, 0), counts.get(r.name, 0), r.created_at
+        )
+        for r in rows
+    ]
 
 
 def hooks(engine: Engine) -> list[str]:
