@@ -238,9 +238,10 @@ class Pages:
         groups = await run_in_threadpool(listings.quarantine_groups, self.engine)
         examples: dict[tuple[str, str | None], list[Any]] = {}
         for g in groups[:50]:
-            where = DeliveryFilter(hook=g.hook, status=DeliveryStatus.QUARANTINED)
-            rows = await run_in_threadpool(listings.list_deliveries, self.engine, where, limit=200)
-            examples[(g.hook, g.reason)] = [r for r in rows if r.reason == g.reason][:10]
+            where = DeliveryFilter(hook=g.hook, status=DeliveryStatus.QUARANTINED, reason=g.reason)
+            examples[(g.hook, g.reason)] = await run_in_threadpool(
+                listings.list_deliveries, self.engine, where, limit=10
+            )
         outcome = request.session.pop("outcome", None)
         return self.render(
             request, "quarantine.html", groups=groups, examples=examples, outcome=outcome
