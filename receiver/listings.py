@@ -57,12 +57,27 @@ class Ambiguous(LookupError):
 _ID_PREFIX = re.compile(r"^[0-9a-f-]{1,36}$")
 
 
+#: A delivery's id is made just before its ``received_at`` is read (and a spooled one keeps
+#: both), so an id bound taken this much early never leaves out a delivery the exact
+#: ``received_at`` condition keeps: the bound only lets the primary key do the narrowing.
+ID_SLACK = dt.timedelta(seconds=1)
+
+
 def id_floor(when: dt.datetime) -> str:
-    """The smallest UUIDv7 of ``when``'s millisecond: ``id >= id_floor(t)`` is "received at or
-    after t", answered from the primary key."""
+    """The smallest UUIDv7 of ``when``'s millisecond, as `receiver.ledger` makes them."""
     millis = int(when.timestamp() * 1000) & ((1 << 48) - 1)
     h = f"{millis:012x}"
     return f"{h[:8]}-{h[8:12]}-7000-8000-000000000000"
+
+
+def received_since(when: dt.datetime) -> Any:
+    """``received_at >= when``, with an id bound the primary key can answer."""
+    return and_(Delivery.id >= id_floor(when - ID_SLACK), Delivery.received_at >= when)
+
+
+def received_before(when: dt.datetime) -> Any:
+    """``received_at < when``, with an id bound the primary key can answer."""
+    return and_(Delivery.id < id_floor(when + ID_SLACK), Delivery.received_at < when)
 
 
 @dataclass(frozen=True)
@@ -98,11 +113,9 @@ class DeliveryFilter:
             if value:
                 conditions.append(column == value)
         if self.since is not None:
-            conditions.append(Delivery.id >= id_floor(self.since))
-            conditions.append(Delivery.received_at >= self.since)
+            conditions.append(received_since(self.since))
         if self.until is not None:
-            conditions.append(Delivery.id < id_floor(self.until + dt.timedelta(milliseconds=1)))
-            conditions.append(Delivery.received_at < self.until)
+            conditions.append(received_before(self.until))
         if self.label is not None:
             key, value = self.label
             conditions.append(_label_value(key, dialect) == value)
@@ -565,11 +578,7 @@ def overview(engine: Engine, *, now: dt.datetime | None = None, latest: int = 10
         # Grouped by an expression, not the column: else SQLite scans ix_deliveries_status
         # (every delivery, 530 ms at 1M) instead of the id range (today's only).
         status = func.coalesce(Delivery.status, "")
-        query = (
-            select(status, func.count())
-            .where(Delivery.id >= id_floor(since), Delivery.received_at >= since)
-            .group_by(status)
-        )
+        query = select(status, func.count()).where(received_since(since)).group_by(status)
         return {status: int(count) for status, count in conn.execute(query)}
 
     def count(conn: Connection, status: DeliveryStatus) -> int:
