@@ -24,12 +24,19 @@ if TYPE_CHECKING:
 # `receiver costs` must answer in well under a second.
 
 
-def _engine(ctx: click.Context) -> Engine:
+def _engine(ctx: click.Context, *, migrated: bool = True) -> Engine:
+    """The database engine; with ``migrated``, checked to be at the migrations' head first,
+    so a command on an unmigrated or older database says so instead of failing in SQL."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "engine" not in obj:
         obj["engine"] = create_db_engine(obj["settings"])
         ctx.find_root().call_on_close(obj["engine"].dispose)
     engine: Engine = obj["engine"]
+    if migrated and not obj.get("schema_checked"):
+        from receiver.db import check_schema
+
+        check_schema(engine)
+        obj["schema_checked"] = True
     return engine
 
 
@@ -61,9 +68,43 @@ def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 UVICORN_OPTIONS: dict[str, Any] = {"timeout_graceful_shutdown": 25, "access_log": False}
 
 
-@click.group()
+class ReceiverGroup(click.Group):
+    """Turns the errors a user can cause into one line on stderr and exit 1.
+
+    A traceback only with ``--debug`` (or ``RECEIVER_DEBUG=1``).
+    """
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.ClickException, click.exceptions.Exit, click.Abort):
+            raise
+        except Exception as error:
+            if ctx.params.get("debug"):
+                raise
+            from receiver.diagnosis import explain
+
+            settings = ctx.ensure_object(dict).get("settings")
+            url = settings.database_url if isinstance(settings, Settings) else None
+            message = explain(error, url)
+            if message is None:
+                message = (
+                    f"unexpected {type(error).__name__}: {str(error)[:300]}"
+                    " (run with --debug for the traceback)"
+                )
+            raise click.ClickException(message) from None
+
+
+@click.group(cls=ReceiverGroup)
+@click.version_option(package_name="webrun-receiver", prog_name="receiver")
+@click.option(
+    "--debug",
+    is_flag=True,
+    envvar="RECEIVER_DEBUG",
+    help="show the traceback of an error instead of one line (also RECEIVER_DEBUG=1)",
+)
 @click.pass_context
-def main(ctx: click.Context) -> None:
+def main(ctx: click.Context, debug: bool) -> None:
     """WebRun Receiver: store every WebRun webhook delivery and turn it into SQL."""
     ctx.ensure_object(dict)["settings"] = Settings.from_env()
 
@@ -87,7 +128,7 @@ def serve(ctx: click.Context, host: str, port: int, workers: int) -> None:
 
     settings = _settings(ctx)
     configure_logging(settings.log_format)
-    engine = _engine(ctx)
+    engine = _engine(ctx, migrated=False)
     upgrade(engine)
     token = auth.ensure_token(engine, settings.tokens)
     if token is not None:
@@ -147,8 +188,13 @@ def _sample(name: str) -> tuple[bytes, str]:
 )
 @click.option("--sample", help="send a built-in sample instead of FILE: its name or number")
 @click.option("--list-samples", is_flag=True, help="list the built-in samples and exit")
-@click.option("--hook", default="default", show_default=True)
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="receiver base URL")
+@click.option("--hook", help="hook name  [default: the one in --url, else default]")
+@click.option(
+    "--url",
+    default="http://127.0.0.1:8000",
+    show_default=True,
+    help="receiver base URL, or a full hook URL with its query string",
+)
 @click.option("--token", help="Authorization value  [default: the first RECEIVER_TOKEN]")
 @click.option("--content-type", help="[default: the sample's, or guessed from FILE's name]")
 @click.option("--label", "labels", multiple=True, help="query label KEY=VALUE (repeatable)")
@@ -158,7 +204,7 @@ def send(
     file: Path | None,
     sample: str | None,
     list_samples: bool,
-    hook: str,
+    hook: str | None,
     url: str,
     token: str | None,
     content_type: str | None,
@@ -170,8 +216,8 @@ def send(
     """
     import mimetypes
     import urllib.error
-    import urllib.parse
-    import urllib.request
+
+    from receiver.sender import hook_url, post_delivery
 
     if list_samples:
         _print_table(
@@ -195,21 +241,15 @@ def send(
     pairs = [label.partition("=") for label in labels]
     if any(not sep for _, sep, _ in pairs):
         raise click.BadParameter("a label is KEY=VALUE", param_hint="--label")
-    query = urllib.parse.urlencode([(k, v) for k, _, v in pairs])
-    target = f"{url.rstrip('/')}/hooks/{urllib.parse.quote(hook, safe='')}"
-    request = urllib.request.Request(
-        target + (f"?{query}" if query else ""),
-        data=body,
-        method="POST",
-        headers={"Authorization": token, "Content-Type": content_type or guessed},
-    )
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            status, answer = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, answer = exc.code, exc.read()
-    except urllib.error.URLError as exc:
-        raise click.ClickException(f"could not reach {target}: {exc.reason}") from exc
+        target = hook_url(url, hook, [(k, v) for k, _, v in pairs])
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--url") from None
+    try:
+        status, answer = post_delivery(target, body, content_type or guessed, token)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise click.ClickException(f"could not reach {target}: {reason}") from None
     click.echo(f"{status} {answer.decode('utf-8', 'replace')}")
     if status != 200:
         ctx.exit(1)
@@ -223,11 +263,16 @@ def db() -> None:
 @db.command("upgrade")
 @click.pass_context
 def db_upgrade(ctx: click.Context) -> None:
-    """Create or upgrade the core schema (Alembic migrations)."""
+    """Create or upgrade the core schema (Alembic migrations), and say what changed."""
     from receiver.db import upgrade
 
-    upgrade(_engine(ctx))
-    click.echo("database is up to date")
+    before, after = upgrade(_engine(ctx, migrated=False))
+    if before == after:
+        click.echo(f"nothing to do: the database is already at {after} (the newest)")
+    elif before is None:
+        click.echo(f"created the schema: no receiver tables before, now at {after}")
+    else:
+        click.echo(f"upgraded the database from {before} to {after}")
 
 
 @main.group()
@@ -260,7 +305,7 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
     from receiver.models import Hook
     from receiver.schema import declare
 
-    engine = _engine(ctx)
+    engine = _engine(ctx, migrated=False)
     upgrade(engine)
     schema = json.load(schema_file) if schema_file else None
     output_type = None

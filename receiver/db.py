@@ -99,39 +99,55 @@ def alembic_config(engine: Engine) -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
+def upgrade(engine: Engine, revision: str = "head") -> tuple[str | None, str | None]:
     """Bring the core schema to ``revision`` through the Alembic migrations.
 
-    On PostgreSQL a session advisory lock makes receivers that start together
-    take turns instead of racing through the same DDL.
+    Returns the revisions before and after (None: no schema). On PostgreSQL a
+    session advisory lock makes receivers that start together take turns
+    instead of racing through the same DDL.
     """
     from alembic import command
 
     if is_sqlite(engine):
+        before = current_revision(engine)
         command.upgrade(alembic_config(engine), revision)
-        return
+        return before, current_revision(engine)
     with engine.connect() as conn:
         conn.exec_driver_sql(f"SELECT pg_advisory_lock({_MIGRATION_LOCK})")
         conn.commit()
         try:
+            before = current_revision(engine)
             command.upgrade(alembic_config(engine), revision)
+            return before, current_revision(engine)
         finally:
             conn.exec_driver_sql(f"SELECT pg_advisory_unlock({_MIGRATION_LOCK})")
             conn.commit()
 
 
-def check_schema(engine: Engine) -> None:
-    """Raise `SchemaOutOfDate` unless the database is at the migrations' head."""
+def current_revision(engine: Engine) -> str | None:
+    """The migration the database is at (None: no receiver schema yet)."""
     from alembic.runtime.migration import MigrationContext
+
+    with engine.connect() as conn:
+        revision: str | None = MigrationContext.configure(conn).get_current_revision()
+    return revision
+
+
+def head_revision(engine: Engine) -> str | None:
+    """The newest migration this code ships."""
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
-    with engine.connect() as conn:
-        current = MigrationContext.configure(conn).get_current_revision()
+    head: str | None = ScriptDirectory.from_config(alembic_config(engine)).get_current_head()
+    return head
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise `SchemaOutOfDate` unless the database is at the migrations' head."""
+    head, current = head_revision(engine), current_revision(engine)
     if current != head:
         raise SchemaOutOfDate(
-            f"database schema is at {current or 'nothing'}, code expects {head}:"
-            " run `receiver db upgrade`"
+            f"the database schema is at {current or 'nothing (never migrated)'},"
+            f" this receiver expects {head}: run `receiver db upgrade`"
         )
 
 

@@ -6,6 +6,7 @@ ReceiverError
 ├── SpoolUnavailable  the spool cannot make it durable either (answered 503, never 2xx)
 ├── SpoolCorrupt      a spool file is not a complete, intact delivery (moved aside, kept)
 ├── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
+├── SettingsError     a ``RECEIVER_*`` variable has a value the receiver cannot use
 └── DestinationBusy   another export to the same folder is running (``receiver export``)
 """
 
@@ -30,6 +31,10 @@ class LedgerUnavailable(ReceiverError):
 
 class SchemaOutOfDate(ReceiverError):
     """The database schema is older than this code's migrations."""
+
+
+class SettingsError(ReceiverError, ValueError):
+    """A setting's value is not one of those it may take (the message names the variable)."""
 
 
 class SpoolUnavailable(ReceiverError):

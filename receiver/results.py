@@ -47,7 +47,8 @@ from sqlalchemy.types import TypeEngine
 
 from receiver.classify import Output, OutputType
 from receiver.columns import Cell, ColumnType
-from receiver.csvparse import ColumnValues, CsvColumns, parse_csv_columns, to_cells
+from receiver.csvparse import parse_csv_columns
+from receiver.csvtypes import ColumnValues, CsvColumns, to_cells
 from receiver.errors import Quarantine
 from receiver.models import ResultTable
 from receiver.rows import FlatColumn, FlatRecords, FlatTable, Key, flat_records, flatten
@@ -538,7 +539,7 @@ def insert_rows(conn: Connection, table: Table, rows: list[Row]) -> None:
 
 
 #: A column handed to `insert_columns`: one value per row, as a sequence or an Arrow array
-#: of the column's type (`csvparse.ColumnValues`).
+#: of the column's type (`csvtypes.ColumnValues`).
 Values: TypeAlias = "Sequence[Any] | pa.Array[Any]"
 
 #: Rows per SQLite INSERT statement (one statement per row costs twice as much), within the
@@ -618,7 +619,7 @@ class _Rows:
 
 
 def _python(values: Values) -> Sequence[Any]:
-    """A column as Python values (Arrow arrays as `csvparse.to_cells` gives them)."""
+    """A column as Python values (Arrow arrays as `csvtypes.to_cells` gives them)."""
     if isinstance(values, Sequence):
         return values
     import pyarrow as pa

@@ -11,8 +11,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+from receiver.errors import SettingsError
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+_N = TypeVar("_N", int, float)
 
 #: One row per setting: environment variable, default (as documented), meaning.
 #: The README's settings table is generated from this and a test keeps them in step.
@@ -76,21 +80,36 @@ class Settings:
         )
         synchronous = env.get("RECEIVER_SQLITE_SYNCHRONOUS", "FULL").upper()
         if synchronous not in {"OFF", "NORMAL", "FULL", "EXTRA"}:
-            raise ValueError(
+            raise SettingsError(
                 "RECEIVER_SQLITE_SYNCHRONOUS must be OFF, NORMAL, FULL or EXTRA,"
                 f" not {synchronous!r}"
             )
         log_format = env.get("RECEIVER_LOG_FORMAT", "plain")
         if log_format not in {"plain", "json"}:
-            raise ValueError(f"RECEIVER_LOG_FORMAT must be plain or json, not {log_format!r}")
+            raise SettingsError(f"RECEIVER_LOG_FORMAT must be plain or json, not {log_format!r}")
         return cls(
             database_url=url,
             tokens=tokens,
-            max_body_bytes=int(env.get("RECEIVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES)),
+            max_body_bytes=_number(env, "RECEIVER_MAX_BODY_BYTES", DEFAULT_MAX_BODY_BYTES, int),
             data_dir=data_dir,
             sqlite_synchronous=synchronous,
-            max_depth=int(env.get("RECEIVER_MAX_DEPTH", "5")),
+            max_depth=_number(env, "RECEIVER_MAX_DEPTH", 5, int),
             log_format=log_format,
-            auth_cache_seconds=float(env.get("RECEIVER_AUTH_CACHE_SECONDS", "2")),
+            auth_cache_seconds=_number(env, "RECEIVER_AUTH_CACHE_SECONDS", 2.0, float),
             console_token=env.get("RECEIVER_CONSOLE_TOKEN", "").strip() or None,
         )
+
+
+def _number(env: Mapping[str, str], name: str, default: _N, kind: type[_N]) -> _N:
+    """``env[name]`` as a non-negative ``kind``, or `SettingsError` naming the variable."""
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = kind(raw)
+    except ValueError:
+        noun = "whole number" if kind is int else "number"
+        raise SettingsError(f"{name} must be a {noun}, not {raw!r}") from None
+    if value < 0:
+        raise SettingsError(f"{name} must not be negative, not {raw!r}")
+    return value

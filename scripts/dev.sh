@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One entry point for the README's commands: `scripts/dev.sh serve` or `scripts/dev.sh test`.
+# One entry point for the README's commands: `scripts/dev.sh serve` or `scripts/dev.sh test`
+# (and `scripts/dev.sh smoke`: the wheel, installed outside the checkout, on both databases).
 # Needs only Python 3.11 on PATH (python3.11 or python3); creates .venv and installs into it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,10 @@ case "${1:-}" in
     shift
     exec .venv/bin/receiver serve "$@"
     ;;
+  smoke)
+    shift
+    exec scripts/smoke.sh "$@"
+    ;;
   test)
     shift
     # The console's browser tests drive Debian's Chromium (never `playwright install`).
@@ -31,7 +36,7 @@ case "${1:-}" in
     exec .venv/bin/pytest "$@"
     ;;
   *)
-    echo "usage: scripts/dev.sh serve|test [args]" >&2
+    echo "usage: scripts/dev.sh serve|test|smoke [args]" >&2
     exit 2
     ;;
 esac

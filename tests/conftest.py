@@ -12,16 +12,21 @@ import os
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import psycopg
 import pytest
-from sqlalchemy import Engine
-from starlette.testclient import TestClient
 
-from receiver.app import create_app
-from receiver.db import create_db_engine, upgrade
-from receiver.settings import Settings
 from tests.corpora import DELIVERIES, missing_corpora
+
+if TYPE_CHECKING:
+    import psycopg
+    from sqlalchemy import Engine
+    from starlette.testclient import TestClient
+
+    from receiver.settings import Settings
+
+# The database stack is imported inside the fixtures, so `pytest -m pure` collects and runs
+# the pure cores' tests with no database server and without importing SQLAlchemy or psycopg.
 
 __all__ = ["DELIVERIES", "TOKEN", "post"]
 
@@ -38,6 +43,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def _pg_admin() -> psycopg.Connection[tuple[object, ...]]:
+    import psycopg
+
     return psycopg.connect(PG_SERVER, autocommit=True)
 
 
@@ -48,6 +55,9 @@ def _pg_url(name: str) -> str:
 
 @pytest.fixture(scope="session")
 def pg_template() -> Iterator[str]:
+    from receiver.db import create_db_engine, upgrade
+    from receiver.settings import Settings
+
     name = f"receiver_test_{_RUN}_tmpl"
     with _pg_admin() as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
@@ -74,6 +84,9 @@ def drop_pg_database(name: str) -> None:
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     """A fresh database at the migrations' head."""
+    from receiver.db import create_db_engine, upgrade
+    from receiver.settings import Settings
+
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path / 'receiver.db'}"
         engine = create_db_engine(Settings(database_url=url))
@@ -89,11 +102,15 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 
 @pytest.fixture
 def settings(db_url: str, tmp_path: Path) -> Settings:
+    from receiver.settings import Settings
+
     return Settings(database_url=db_url, tokens=(TOKEN.encode(),), data_dir=tmp_path / "data")
 
 
 @pytest.fixture
 def engine(settings: Settings) -> Iterator[Engine]:
+    from receiver.db import create_db_engine
+
     engine = create_db_engine(settings)
     yield engine
     engine.dispose()
@@ -101,6 +118,10 @@ def engine(settings: Settings) -> Iterator[Engine]:
 
 @pytest.fixture
 def client(settings: Settings, engine: Engine) -> Iterator[TestClient]:
+    from starlette.testclient import TestClient
+
+    from receiver.app import create_app
+
     with TestClient(create_app(settings, engine=engine)) as client:
         yield client
 

@@ -13,6 +13,8 @@ from hypothesis import strategies as st
 from receiver.classify import Kind, OutputType, classify, parse_time
 from receiver.errors import Quarantine
 
+pytestmark = pytest.mark.pure
+
 
 def body(value: object) -> bytes:
     return json.dumps(value).encode()

@@ -104,6 +104,44 @@ def test_send_a_sample_and_a_file(
     ]
 
 
+def test_send_to_a_full_hook_url_keeps_its_query_string_as_labels(
+    live: ServerProcess, db_url: str, engine: Engine
+) -> None:
+    """``--url`` may be the whole webhook URL a task config holds; its labels arrive exactly."""
+    url = f"{live.url}/hooks/pricing?task_id=t1&session_id=s1"
+    result = run(db_url, "send", "--sample", "02", "--url", url, "--label", "p=a b")
+    assert result.exit_code == 0, result.output
+    same = run(db_url, "send", "--sample", "02", "--url", url, "--hook", "pricing")
+    assert same.exit_code == 0, same.output
+    clash = run(db_url, "send", "--sample", "02", "--url", url, "--hook", "other")
+    assert clash.exit_code == 2
+    assert "names hook 'pricing'" in clash.output
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(Delivery.hook, Delivery.query_string, Delivery.labels).order_by(Delivery.id)
+        ).all()
+    assert [(r.hook, r.query_string) for r in rows] == [
+        ("pricing", "task_id=t1&session_id=s1&p=a+b"),
+        ("pricing", "task_id=t1&session_id=s1"),
+    ]
+    assert json.loads(rows[0].labels) == {"task_id": "t1", "session_id": "s1", "p": "a b"}
+
+
+@pytest.mark.parametrize(
+    ("url", "hook", "target"),
+    [
+        pytest.param("http://h:1", None, "http://h:1/hooks/default", id="base"),
+        pytest.param("http://h:1/", "a b", "http://h:1/hooks/a%20b", id="base-slash"),
+        pytest.param("http://h:1/rx", "p", "http://h:1/rx/hooks/p", id="prefix"),
+        pytest.param("http://h:1/hooks/p?x=1&y", None, "http://h:1/hooks/p?x=1&y", id="full"),
+    ],
+)
+def test_hook_url(url: str, hook: str | None, target: str) -> None:
+    from receiver.sender import hook_url
+
+    assert hook_url(url, hook) == target
+
+
 def test_send_reports_refusals(live: ServerProcess, db_url: str, engine: Engine) -> None:
     wrong = run(db_url, "send", "--sample", "01", "--url", live.url, "--token", "Bearer nope")
     assert wrong.exit_code == 1
@@ -210,8 +248,8 @@ def test_costs_refuses_a_database_not_upgraded(
         env={"RECEIVER_DATABASE_URL": db_url, "RECEIVER_DATA_DIR": str(tmp_path)},
     )
     assert result.exit_code == 1, result.output
-    at = "nothing" if revision == "base" else revision
-    assert f"Error: database schema is at {at}, code expects " in result.output
+    at = "nothing (never migrated)" if revision == "base" else revision
+    assert f"Error: the database schema is at {at}, this receiver expects " in result.output
     assert "run `receiver db upgrade`" in result.output
     assert result.exception is not None
     assert isinstance(result.exception, SystemExit)  # a ClickException, not a traceback

@@ -16,18 +16,11 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from receiver.columns import MAX_IDENTIFIER, ColumnType
+from receiver.csvarrow import _RE2_CANONICAL_FLOAT, _RE2_REGULAR_TEXT, _arrow_typed, parse_arrow
 from receiver.csvparse import (
-    _RE2_CANONICAL_FLOAT,
-    _RE2_REGULAR_TEXT,
-    _REGULAR_TEXT,
     ARROW_MIN_CHARS,
     CsvRow,
     CsvTable,
-    _arrow_typed,
-    _convert_column,
-    _infer_per_cell,
-    _parse_arrow,
-    _typed_column,
     infer_column_type,
     looks_like_csv,
     parse_csv,
@@ -35,7 +28,12 @@ from receiver.csvparse import (
     render_cell,
     to_cells,
 )
+from receiver.csvtokens import REGULAR_TEXT
+from receiver.csvtypes import convert_column, infer_per_cell, typed_column
 from tests.corpora import SPECTRUM
+from tests.csvreference import parse_careful
+
+pytestmark = pytest.mark.pure
 
 SPECTRUM_CASES = sorted(path.stem for path in (SPECTRUM / "csvs").glob("*.csv"))
 # json/location_coordinates.json has an upstream slip; the CSV's own value is right.
@@ -489,7 +487,7 @@ CSV_CHARS = st.sampled_from(
 
 def assert_same_table(text: str, expected_columns: list[str] | None = None) -> None:
     """The stdlib fast path and the Arrow path both give the careful path's table."""
-    careful = parse_csv(text, expected_columns, careful=True)
+    careful = parse_careful(text, expected_columns)
     for arrow in (False, True):
         fast = parse_csv_columns(text, expected_columns, arrow=arrow).table()
         assert fast == careful
@@ -526,7 +524,7 @@ def test_fast_path_equals_careful_path_on_written_tables(
     text = write_csv(table_rows)
     assert_same_table(text)
     # What csv.writer writes is regular and one width: the Arrow path takes it, not the stdlib.
-    assert _parse_arrow(text, None) is not None
+    assert parse_arrow(text, None) is not None
     # Break it somewhere: a stray quote, comma or line break in a random place.
     at = data.draw(st.integers(min_value=0, max_value=len(text)))
     stray = data.draw(st.sampled_from(['"', ",", "\n", "\r", '"x', '""']))
@@ -536,13 +534,13 @@ def test_fast_path_equals_careful_path_on_written_tables(
 @settings(max_examples=500, deadline=None)
 @given(st.lists(st.one_of(st.none(), CELL, *COLUMN_CELLS), max_size=8))
 def test_column_inference_equals_cell_by_cell(texts: list[str | None]) -> None:
-    assert infer_column_type(texts) is _infer_per_cell(texts)
+    assert infer_column_type(texts) is infer_per_cell(texts)
 
 
 def test_fast_path_checks_raw_text_where_the_grammar_fails() -> None:
     text = 'a,b\n"x"y,1\n"p","q"\n3,"4"\n'
     fast = parse_csv(text)
-    assert fast == parse_csv(text, careful=True)
+    assert fast == parse_careful(text)
     assert [row.flag for row in fast.rows] == ["irregular quoting", None, None]
 
 
@@ -584,8 +582,8 @@ _FAMILIES = [
     )
 )
 def test_arrow_typing_equals_stdlib_typing(texts: list[str]) -> None:
-    expected_type, parsed = _typed_column(texts)
-    expected, lossy = _convert_column(texts, expected_type, parsed)
+    expected_type, parsed = typed_column(texts)
+    expected, lossy = convert_column(texts, expected_type, parsed)
     column_type, values, got_lossy, got_texts = _arrow_typed(pa.array(texts, pa.string()))
     assert column_type is expected_type
     got = to_cells(values, column_type)
@@ -599,7 +597,7 @@ def test_arrow_typing_equals_stdlib_typing(texts: list[str]) -> None:
 def test_arrow_grammar_equals_stdlib_grammar(text: str) -> None:
     """The RE2 spelling accepts exactly the texts the possessive pattern accepts."""
     matched = pc.match_substring_regex(pa.array([text], pa.string()), _RE2_REGULAR_TEXT)
-    assert matched[0].as_py() is (_REGULAR_TEXT.fullmatch(text) is not None)
+    assert matched[0].as_py() is (REGULAR_TEXT.fullmatch(text) is not None)
 
 
 @settings(max_examples=2000, deadline=None)
@@ -622,11 +620,11 @@ def test_no_other_character_lowercases_into_a_boolean() -> None:
 
 def test_arrow_path_falls_back_where_it_may_differ() -> None:
     ragged = "a,b\n1,2\n3\n"
-    assert _parse_arrow(ragged, None) is None
-    assert _parse_arrow('a,b\n"x"y,1\n', None) is None  # irregular quoting
-    assert _parse_arrow("a,b\n\ud800,1\n", None) is None  # cannot be UTF-8
-    assert _parse_arrow("a,b\n1,2\n", ["a"]) is None  # another width than the registered one
-    assert parse_csv_columns(ragged, arrow=True).table() == parse_csv(ragged, careful=True)
+    assert parse_arrow(ragged, None) is None
+    assert parse_arrow('a,b\n"x"y,1\n', None) is None  # irregular quoting
+    assert parse_arrow("a,b\n\ud800,1\n", None) is None  # cannot be UTF-8
+    assert parse_arrow("a,b\n1,2\n", ["a"]) is None  # another width than the registered one
+    assert parse_csv_columns(ragged, arrow=True).table() == parse_careful(ragged)
 
 
 def test_big_texts_take_the_arrow_path() -> None:
@@ -634,7 +632,7 @@ def test_big_texts_take_the_arrow_path() -> None:
     assert len(text) >= ARROW_MIN_CHARS
     parsed = parse_csv_columns(text)
     assert not isinstance(parsed.values[0], list)
-    assert parsed.table() == parse_csv(text, careful=True)
+    assert parsed.table() == parse_careful(text)
 
 
 @pytest.mark.parametrize(
@@ -648,4 +646,4 @@ def test_a_second_bom_is_kept_by_every_path(text: str) -> None:
     """Found by Hypothesis: one BOM is the encoding's, a second is the header's text;
     Arrow's reader would strip it too, so such a text never takes the Arrow path."""
     assert_same_table(text)
-    assert parse_csv(text, None, careful=True).columns[0].original.startswith("\ufeff")
+    assert parse_careful(text, None).columns[0].original.startswith("\ufeff")

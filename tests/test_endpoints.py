@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -277,9 +276,8 @@ def test_a_body_that_never_arrives_is_408_and_stores_nothing(
             "server": ("127.0.0.1", 80),
             "state": {},
         }
-        started = time.monotonic()
+        # It returns at all only because the timeout fired: the rest of the body never comes.
         await app(scope, receive, send)  # type: ignore[arg-type]
-        assert time.monotonic() - started < 5
 
     client.portal.call(stalled_request)  # type: ignore[union-attr]
     assert sent[0]["status"] == 408

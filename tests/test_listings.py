@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.inspection import _short_ids
 from receiver.ledger import new_delivery_id
 from receiver.listings import ID_SLACK, id_floor, path_text, source_note
+
+pytestmark = pytest.mark.pure
 
 # Hypothesis takes naive bounds and adds the zone itself.
 _times = st.datetimes(

@@ -87,6 +87,7 @@ def test_every_block_is_one_this_file_runs() -> None:
         ("bash", None),
         ("bash", "docker"),
         ("bash", "postgresql"),
+        ("bash", "wheel"),
         ("json", None),
         ("sql", None),
         ("python", None),
@@ -103,6 +104,18 @@ def test_the_first_two_commands() -> None:
     assert _commands(first.code) == ["scripts/dev.sh serve", "scripts/dev.sh test"]
     ci = (ROOT / ".ci" / "run").read_text().splitlines()
     assert ci[-1] == "exec scripts/dev.sh test"
+
+
+def test_the_wheel_block_is_what_the_smoke_runs() -> None:
+    """The README's wheel commands need a checkout and a fresh venv: CI's smoke runs them."""
+    (block,) = blocks("bash", "wheel")
+    smoke = (ROOT / "scripts" / "smoke.sh").read_text()
+    for phrase in ("pip wheel", "--no-deps", "pipx", "--version", "db upgrade"):
+        assert phrase in block.code
+        assert phrase in smoke
+    for command in ("serve", "send", "costs", "export"):
+        assert f'"$bin" {command}' in smoke
+    assert (ROOT / ".ci" / "run").read_text().count("scripts/dev.sh smoke") == 1
 
 
 def _wait_ready(url: str, process: subprocess.Popen[bytes], timeout: float = 120) -> None:

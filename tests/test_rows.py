@@ -23,6 +23,8 @@ from receiver.rows import (
     value_type,
 )
 
+pytestmark = pytest.mark.pure
+
 # --------------------------------------------------------------------------- helpers
 
 

@@ -5,10 +5,13 @@ from __future__ import annotations
 import io
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from receiver.terminal import Column, Progress, fit_columns, print_listing
+
+pytestmark = pytest.mark.pure
 
 COLUMNS = [
     Column("id", "id", whole=True),
