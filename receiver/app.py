@@ -10,8 +10,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from sqlalchemy import Engine
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+from starlette.responses import JSONResponse, RedirectResponse, Response
+from starlette.routing import BaseRoute, Mount, Route
 
 from receiver import endpoints
 from receiver.auth import Authenticator
@@ -81,7 +81,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     async def openapi_endpoint(request: Request) -> Response:
         return JSONResponse(document)
 
-    routes = [
+    routes: list[BaseRoute] = [
         Route("/hooks/{name}", receive, methods=["POST"]),
         # A trailing slash is the same hook: answered, never redirected (WebRun drops a 3xx).
         Route("/hooks/{name}/", receive, methods=["POST"]),
@@ -90,6 +90,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
+    if settings.console_token:
+        from receiver.console import create_console  # Jinja2 is loaded only for a console
+
+        async def to_console(request: Request) -> Response:
+            return RedirectResponse("/console/")
+
+        routes.append(Route("/console", to_console, methods=["GET"]))
+        console = create_console(settings, engine, spool)
+        routes.append(Mount("/console", app=console, name="console"))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.router.redirect_slashes = False
     app.state.settings = settings

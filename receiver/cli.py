@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from receiver import inspection
 from receiver.db import create_db_engine
 from receiver.settings import Settings
 
@@ -55,15 +56,13 @@ def webhook_object(name: str, url: str, token: str, submitted: str = "full_respo
 
 
 def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from rich.console import Console
-    from rich.table import Table as RichTable
+    from receiver.terminal import Column, print_listing
 
-    table = RichTable(title=title)
-    for column in columns:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    Console().print(table)
+    print_listing(
+        title,
+        [Column(str(i), c) for i, c in enumerate(columns)],
+        [{str(i): v for i, v in enumerate(r)} for r in rows],
+    )
 
 
 #: How `serve` runs uvicorn (the benchmark's baseline runs the same way). In-flight
@@ -284,6 +283,11 @@ def hooks() -> None:
     """Create, list, rotate and revoke hooks and their tokens."""
 
 
+hooks.add_command(inspection.hooks_list)
+for _command in (inspection.tables, inspection.deliveries, inspection.tasks, inspection.costs):
+    main.add_command(_command)
+
+
 @hooks.command("add")
 @click.argument("name")
 @click.option("--schema", "schema_file", type=click.File("r"), help="WebRun outputSchema (JSON)")
@@ -295,7 +299,7 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
     With --schema, the hook's outputSchema (a JSON Schema object, or a list of
     CSV column names) fixes its output type and validates each payload; the
     result table and the schema's typed columns are created at once. Run it
-    again with a new schema, then `reprocess --hook NAME --quarantined`.
+    again with a new schema, then: receiver reprocess --hook NAME --quarantined.
     """
     from sqlalchemy import insert, select, update
 
@@ -336,43 +340,12 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
     click.echo(webhook_object(name, f"{url.rstrip('/')}/hooks/{name}", token))
 
 
-@hooks.command("list")
-@click.pass_context
-def hooks_list(ctx: click.Context) -> None:
-    """List hooks with their output type, live tokens and deliveries."""
-    from sqlalchemy import func, select
-
-    from receiver.models import Delivery, Hook, Token
-
-    engine = _engine(ctx)
-    with engine.connect() as conn:
-        tokens = dict(
-            conn.execute(
-                select(Token.hook, func.count())
-                .where(Token.revoked_at.is_(None))
-                .group_by(Token.hook)
-            ).all()
-        )
-        counts = dict(
-            conn.execute(select(Delivery.hook, func.count()).group_by(Delivery.hook)).all()
-        )
-        rows = conn.execute(select(Hook.name, Hook.output_type, Hook.created_at)).all()
-    _print_table(
-        "hooks",
-        ["hook", "output type", "own tokens", "deliveries", "created"],
-        [
-            [r.name, r.output_type, tokens.get(r.name, 0), counts.get(r.name, 0), r.created_at]
-            for r in rows
-        ],
-    )
-
-
 @hooks.command("rotate")
 @click.argument("name")
 @click.option("--url", default="http://127.0.0.1:8000", show_default=True)
 @click.pass_context
 def hooks_rotate(ctx: click.Context, name: str, url: str) -> None:
-    """Add a new token to NAME; the old ones stay valid until `hooks revoke`."""
+    """Add a new token to NAME; the old ones stay valid until hooks revoke."""
     from receiver import auth
 
     token = auth.add_token(_engine(ctx), name)
@@ -390,163 +363,40 @@ def hooks_revoke(ctx: click.Context, name: str) -> None:
     click.echo(f"revoked {count} token(s) of {name}")
 
 
-def _source_text(key: Any) -> str:
-    """A catalogued source key (a JSON path, nested for variants) as ``a.b.#variant:text``."""
-    if isinstance(key, list):
-        return ".".join(_source_text(part) for part in key)
-    return str(key)
-
-
-@main.command()
-@click.pass_context
-def tables(ctx: click.Context) -> None:
-    """List result tables: hook, parent, columns (with the source key each came from)."""
-    from sqlalchemy import select
-
-    from receiver.models import ResultColumn, ResultTable
-
-    engine = _engine(ctx)
-    with engine.connect() as conn:
-        tables_ = conn.execute(select(ResultTable.__table__).order_by(ResultTable.table_name)).all()
-        columns = conn.execute(
-            select(ResultColumn.__table__).order_by(ResultColumn.table_name, ResultColumn.position)
-        ).all()
-    by_table: dict[str, list[str]] = {}
-    for c in columns:
-        source = _source_text(json.loads(c.source_key))
-        shown = f"{c.column_name} {c.type}"
-        if source != c.column_name:
-            shown += f" <- {source!r}"
-        by_table.setdefault(c.table_name, []).append(shown)
-    _print_table(
-        "result tables",
-        ["table", "hook", "parent", "columns"],
-        [
-            [t.table_name, t.hook, t.parent_table, ", ".join(by_table.get(t.table_name, []))]
-            for t in tables_
-        ],
-    )
-
-
-@main.group()
-def deliveries() -> None:
-    """Inspect stored deliveries."""
-
-
-@deliveries.command("list")
-@click.option("--status", help="stored, processed, duplicate or quarantined")
-@click.option("--hook")
-@click.option("--limit", default=50, show_default=True)
-@click.pass_context
-def deliveries_list(ctx: click.Context, status: str | None, hook: str | None, limit: int) -> None:
-    """List the newest deliveries."""
-    from sqlalchemy import select
-
-    from receiver.models import Delivery
-
-    query = (
-        select(
-            Delivery.id,
-            Delivery.hook,
-            Delivery.received_at,
-            Delivery.status,
-            Delivery.kind,
-            Delivery.output_type,
-            Delivery.body_size,
-            Delivery.reason,
-        )
-        .order_by(Delivery.id.desc())
-        .limit(limit)
-    )
-    if status:
-        query = query.where(Delivery.status == status)
-    if hook:
-        query = query.where(Delivery.hook == hook)
-    with _engine(ctx).connect() as conn:
-        rows = conn.execute(query).all()
-    _print_table(
-        "deliveries",
-        ["id", "hook", "received", "status", "kind", "output", "bytes", "reason"],
-        [list(r) for r in rows],
-    )
-
-
-@deliveries.command("show")
-@click.argument("delivery_id")
-@click.pass_context
-def deliveries_show(ctx: click.Context, delivery_id: str) -> None:
-    """Show one delivery: its metadata, stored body, and what was derived from it."""
-    from sqlalchemy import select
-
-    from receiver.models import Delivery, Output, Task
-
-    with _engine(ctx).connect() as conn:
-        row = conn.execute(select(Delivery.__table__).where(Delivery.id == delivery_id)).first()
-        if row is None:
-            raise click.ClickException(f"no delivery {delivery_id}")
-        output = conn.execute(
-            select(Output.__table__).where(Output.delivery_id == delivery_id)
-        ).first()
-        task = None
-        if row.task_id is not None:
-            task = conn.execute(
-                select(Task.__table__).where(Task.task_id == row.task_id, Task.hook == row.hook)
-            ).first()
-    meta = {k: v for k, v in row._mapping.items() if k != "body"}
-    click.echo(json.dumps(meta, indent=2, default=str))
-    if row.body_pruned_at is not None:
-        click.echo(f"--- body pruned at {row.body_pruned_at} (retention) ---")
-    else:
-        click.echo("--- body ---")
-        sys.stdout.write(row.body.decode("utf-8", "replace") + "\n")
-    if output is not None:
-        click.echo(f"--- output ({output.output_type}) ---")
-        click.echo(output.content)
-    if task is not None:
-        click.echo("--- task ---")
-        click.echo(json.dumps(dict(task._mapping), indent=2, default=str))
-
-
 @main.command()
 @click.option("--hook", help="only this hook's deliveries")
 @click.option("--since", help="only deliveries received at or after this ISO time")
 @click.option("--quarantined", is_flag=True, help="only quarantined deliveries")
+@click.option("--reason", help="only quarantined deliveries with exactly this reason")
+@click.option("--quiet", is_flag=True, help="no progress (the summary is still printed)")
 @click.pass_context
-def reprocess(ctx: click.Context, hook: str | None, since: str | None, quarantined: bool) -> None:
-    """Rebuild derived rows of the chosen deliveries from the raw ledger (idempotent).
+def reprocess(
+    ctx: click.Context,
+    hook: str | None,
+    since: str | None,
+    quarantined: bool,
+    reason: str | None,
+    quiet: bool,
+) -> None:
+    """Rebuild the derived rows of the chosen deliveries from the raw ledger.
 
-    Deliveries whose body was pruned keep their rows and are counted as ``pruned``.
+    Idempotent: reprocessing twice changes nothing. Prints what the deliveries
+    became as one JSON line, e.g. {"deliveries": 3, "processed": 2, "quarantined": 1}.
     """
-    from sqlalchemy import func, select
-
-    from receiver.classify import parse_time
-    from receiver.models import Delivery
-    from receiver.pipeline import process_delivery
+    from receiver.inspection import parse_since
+    from receiver.reprocessing import ReprocessSelection, select_deliveries
+    from receiver.reprocessing import reprocess as run
+    from receiver.terminal import Progress
 
     engine = _engine(ctx)
-    query = select(Delivery.id).where(Delivery.status != "duplicate").order_by(Delivery.id)
-    if hook:
-        query = query.where(Delivery.hook == hook)
-    if since:
-        when = parse_time(since)
-        if when is None:
-            raise click.BadParameter(f"not an ISO time: {since}")
-        query = query.where(Delivery.received_at >= when)
-    if quarantined:
-        query = query.where(Delivery.status == "quarantined")
-    with engine.connect() as conn:
-        pruned = conn.scalar(
-            select(func.count()).select_from(
-                query.where(Delivery.body_pruned_at.is_not(None)).subquery()
-            )
-        )
-        ids = list(conn.scalars(query.where(Delivery.body_pruned_at.is_(None))))
-    counts: dict[str, int] = {"pruned": pruned} if pruned else {}
-    with click.progressbar(ids, label="reprocessing", file=sys.stderr) as bar:
-        for delivery_id in bar:
-            outcome = process_delivery(engine, delivery_id, max_depth=_settings(ctx).max_depth)
-            counts[outcome.status] = counts.get(outcome.status, 0) + 1
-    click.echo(json.dumps({"deliveries": len(ids) + (pruned or 0), **counts}))
+    selection = ReprocessSelection(
+        hook=hook, since=parse_since(since), quarantined=quarantined, reason=reason
+    )
+    ids = select_deliveries(engine, selection)
+    progress = Progress("reprocessing", len(ids), quiet=quiet)
+    with progress.shown():
+        report = run(engine, ids, max_depth=_settings(ctx).max_depth, progress=progress.advance)
+    click.echo(json.dumps(report.as_dict()))
 
 
 @main.command()
@@ -634,16 +484,14 @@ def export_command(
 
     Incremental: DEST/_manifest.json records what each run wrote, and the next
     run exports only what is new. One run at a time per local DEST: a second
-    fails at once. See `receiver.export` for the layout.
+    fails at once. The README's Analyst recipes section shows the layout.
     """
     import datetime as dt
-
-    from rich.console import Console
-    from rich.progress import Progress, SpinnerColumn, TextColumn
 
     from receiver.classify import parse_time
     from receiver.errors import ReceiverError
     from receiver.export import export
+    from receiver.terminal import Progress
 
     when = None
     if since:
@@ -658,111 +506,21 @@ def export_command(
     }
     engine = _engine(ctx)
     ctx.call_on_close(engine.dispose)
+    progress = Progress("exporting", None, quiet=quiet)
+    rows: dict[str, int] = {}
+
+    def show(name: str, done: int) -> None:
+        rows[name] = done
+        progress.advance(sum(rows.values()), f"{name}: {done:,} rows", key=name)
+
     try:
-        if quiet:
-            report = export(engine, dest, **options)
-        else:
-            with Progress(
-                SpinnerColumn(), TextColumn("{task.description}"), console=Console(stderr=True)
-            ) as bar:
-                tasks: dict[str, Any] = {}
-
-                def show(name: str, rows: int) -> None:
-                    if name not in tasks:
-                        tasks[name] = bar.add_task(name)
-                    bar.update(tasks[name], description=f"{name}: {rows:,} rows")
-
-                report = export(engine, dest, progress=show, **options)
+        with progress.shown():
+            report = export(engine, dest, progress=show, **options)
     except (ValueError, ReceiverError) as error:  # e.g. another export holds DEST's lock
         raise click.ClickException(str(error)) from error
     if not quiet:
         summary = {name: d.rows for name, d in report.datasets.items()}
         click.echo(json.dumps({"until": report.until.isoformat(), "rows": summary}))
-
-
-@main.command()
-@click.option(
-    "--by",
-    "by",
-    multiple=True,
-    default=("day",),
-    show_default=True,
-    help="day, week, month, hook, status or label:KEY (repeatable)",
-)
-@click.option("--since", help="first UTC day (YYYY-MM-DD), inclusive")
-@click.option("--until", help="last UTC day (YYYY-MM-DD), inclusive")
-@click.option(
-    "--format",
-    "format_",
-    type=click.Choice(["table", "csv", "json"]),
-    default="table",
-    show_default=True,
-)
-@click.pass_context
-def costs(
-    ctx: click.Context, by: tuple[str, ...], since: str | None, until: str | None, format_: str
-) -> None:
-    """Sum task costs, tokens and compute time from the cost_daily / cost_by_label views.
-
-    Unknown costs are counted apart (``unknown cost``), never as $0.
-    """
-    import csv
-    import datetime as dt
-
-    from receiver import rollups
-
-    # An older schema would fail with a raw SQL error, or sum an older rollup: _engine checks.
-    engine = _engine(ctx)
-    ctx.call_on_close(engine.dispose)
-    try:
-        first = dt.date.fromisoformat(since) if since else None
-        last = dt.date.fromisoformat(until) if until else None
-        rows = rollups.costs(engine, by, since=first, until=last)
-    except ValueError as error:
-        raise click.BadParameter(str(error)) from error
-    columns = list(by)
-    records = [r.as_dict(columns) for r in rows]
-    if format_ == "json":
-        click.echo(json.dumps(records, indent=2))
-        return
-    if format_ == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=[*columns, *rollups.MEASURES])
-        writer.writeheader()
-        writer.writerows(records)
-        return
-    total = rollups.total(rows)
-    cells = [[*r.key, *_measure_cells(r)] for r in rows]
-    cells.append(["total", *[""] * (len(columns) - 1), *_measure_cells(total)])
-    _print_table(
-        "costs",
-        [
-            *columns,
-            "tasks",
-            "cost unknown",
-            "in tokens",
-            "out tokens",
-            "tokens",
-            "compute s",
-            "USD",
-        ],
-        cells,
-    )
-
-
-def _measure_cells(row: Any) -> list[str]:
-    def number(value: float | int | None, spec: str) -> str:
-        return "" if value is None else format(value, spec)
-
-    cost = "unknown" if row.cost_usd is None else f"${row.cost_usd:,.4f}"
-    return [
-        f"{row.tasks:,}",
-        f"{row.tasks_unknown_cost:,}",
-        number(row.input_tokens, ","),
-        number(row.output_tokens, ","),
-        number(row.total_tokens, ","),
-        number(row.compute_time_s, ",.1f"),
-        cost,
-    ]
 
 
 if __name__ == "__main__":  # pragma: no cover

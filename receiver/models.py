@@ -76,6 +76,13 @@ class Delivery(Base):
             postgresql_where=text("processed_at IS NOT NULL"),
             sqlite_where=text("processed_at IS NOT NULL"),
         ),
+        # Partial, for a task's timeline (migration 0012): set only once classified.
+        Index(
+            "ix_deliveries_task_id",
+            "task_id",
+            postgresql_where=text("task_id IS NOT NULL"),
+            sqlite_where=text("task_id IS NOT NULL"),
+        ),
     )
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import BigInteger, Column, Date, Engine, Float, MetaData, Table, Text, select, text
@@ -165,6 +165,10 @@ class CostRow:
     total_tokens: int | None = None
     compute_time_s: float | None = None
     cost_usd: float | None = None
+    #: Measures summed over some groups whose value is unknown: the sum is of the known
+    #: ones only, and a listing must say so rather than show numbers that do not add up.
+    partial: set[str] = field(default_factory=set)
+    _unknown: set[str] = field(default_factory=set, repr=False)
 
     def add(self, values: dict[str, Any]) -> None:
         """Add one view row; a NULL measure is unknown and leaves the sum alone."""
@@ -172,9 +176,16 @@ class CostRow:
         self.tasks_unknown_cost += values["tasks_unknown_cost"]
         for name in MEASURES[2:]:
             value = values[name]
-            if value is not None:
-                current = getattr(self, name)
-                setattr(self, name, value if current is None else current + value)
+            current = getattr(self, name)
+            if value is None:
+                if values["tasks"]:
+                    self._unknown.add(name)
+                    if current is not None:
+                        self.partial.add(name)
+                continue
+            if name in self._unknown:
+                self.partial.add(name)
+            setattr(self, name, value if current is None else current + value)
 
     def as_dict(self, columns: Sequence[str]) -> dict[str, Any]:
         return {
@@ -238,4 +249,5 @@ def total(rows: Iterable[CostRow]) -> CostRow:
     out = CostRow(())
     for row in rows:
         out.add({name: getattr(row, name) for name in MEASURES})
+        out.partial |= row.partial
     return out

@@ -54,6 +54,12 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "Keep raw bodies this long (`30d`, `12h`): `serve` prunes older ones at start and daily."
         " Unset: forever.",
     ),
+    (
+        "RECEIVER_CONSOLE_TOKEN",
+        "(none)",
+        "Opens the web console at `/console/` (sign-in form or `Authorization: Bearer ...`)."
+        " Unset: no console. Never a webhook token.",
+    ),
 )
 
 
@@ -71,6 +77,7 @@ class Settings:
     auth_cache_seconds: float = 2.0
     #: Raw bodies older than this are pruned by `serve` (`receiver.retention`); None: kept.
     retention: dt.timedelta | None = None
+    console_token: str | None = None
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -100,6 +107,7 @@ class Settings:
             log_format=log_format,
             auth_cache_seconds=_number(env, "RECEIVER_AUTH_CACHE_SECONDS", 2.0, float),
             retention=_retention(env.get("RECEIVER_RETENTION", "")),
+            console_token=env.get("RECEIVER_CONSOLE_TOKEN", "").strip() or None,
         )
 
 

@@ -25,6 +25,11 @@ case "${1:-}" in
     ;;
   test)
     shift
+    # The console's browser tests drive Debian's Chromium (never `playwright install`).
+    if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
+      sudo_=$([ "$(id -u)" = 0 ] || echo sudo)
+      $sudo_ apt-get update -qq && DEBIAN_FRONTEND=noninteractive $sudo_ apt-get install -y -qq chromium
+    fi
     .venv/bin/ruff check receiver tests bench
     .venv/bin/ruff format --check receiver tests bench
     .venv/bin/mypy

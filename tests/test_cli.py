@@ -199,11 +199,9 @@ def test_hook_token_lifecycle(db_url: str, engine: Engine, tmp_path: Path) -> No
         assert second["auth"] != first["auth"]
         assert status(first["auth"]) == status(second["auth"]) == 200
 
-        listing = run(db_url, "hooks", "list", token=None)
-        row = next(line for line in listing.output.splitlines() if "pricing" in line)
-        cells = [c.strip() for c in row.split("│")[1:-1]]
-        assert cells[0] == "pricing"
-        assert cells[2:4] == ["2", "3"]  # live own tokens, deliveries
+        listing = run(db_url, "hooks", "list", "--format", "json", token=None)
+        [row] = [h for h in json.loads(listing.output) if h["name"] == "pricing"]
+        assert (row["own_tokens"], row["deliveries"]) == (2, 3)
 
         revoked = run(db_url, "hooks", "revoke", "pricing", token=None)
         assert revoked.output.strip() == "revoked 2 token(s) of pricing"
@@ -264,3 +262,23 @@ def test_costs_refuses_a_database_not_upgraded(
     )
     assert upgraded.exit_code == 0, upgraded.output
     assert json.loads(upgraded.output) == []
+
+
+def test_the_readmes_cli_reference_is_current() -> None:
+    from receiver import clidoc
+
+    readme = clidoc.README.read_text()
+    assert clidoc.current(readme) == clidoc.reference(), "run: python -m receiver.clidoc"
+    assert clidoc.main(["--check"]) == 0
+    for path in all_commands(main):
+        assert f"### `receiver {' '.join(path)}`" in readme
+
+
+@pytest.mark.parametrize("path", [pytest.param(p, id=" ".join(p)) for p in all_commands(main)])
+def test_help_is_plain_text(path: tuple[str, ...]) -> None:
+    """No reST or Markdown markup, no pointers into the code: help points at the README."""
+    result = CliRunner().invoke(main, [*path, "--help"], env={"RECEIVER_TOKEN": ""})
+    assert "``" not in result.output
+    assert "`" not in result.output
+    assert "receiver." not in result.output.replace("receiver.db", "")
+    assert "See receiver" not in result.output
