@@ -18,7 +18,7 @@ from receiver.auth import Authenticator
 from receiver.db import check_schema, create_db_engine
 from receiver.deadlines import Deadlines
 from receiver.ledger import Ledger, RawDelivery, Recorded
-from receiver.logs import DeliveryLine, configure_logging, log_delivery
+from receiver.logs import DeliveryLine, configure_logging, dropped_lines, log_delivery
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
 from receiver.openapi import openapi_document
 from receiver.pipeline import Pipeline
@@ -30,7 +30,19 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     """The receiver app. The schema must be migrated (`receiver db upgrade`; `serve` does it)."""
     engine = engine or create_db_engine(settings)
     # The spool is read at scrape time and only if there is one.
-    metrics = Metrics(spool=lambda: getattr(app.state, "spool", None))
+    metrics = Metrics(
+        spool=lambda: getattr(app.state, "spool", None),
+        scraped={
+            "receiver_log_lines_dropped_total": (
+                "Log lines dropped because the log could not be written (closed, full, blocked).",
+                dropped_lines,
+            ),
+            "receiver_thread_restarts_total": (
+                "Restarts of the ledger writer, pipeline and spool drainer after an exception.",
+                lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
+            ),
+        },
+    )
     pipeline = Pipeline(
         engine,
         max_depth=settings.max_depth,
@@ -89,6 +101,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.metrics = metrics
     app.state.spool = spool
     app.state.spool_drainer = drainer
+    # /readyz fails while one of these is not running (receiver.workers).
+    app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
     app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
     app.state.deadlines = Deadlines()

@@ -60,7 +60,12 @@ def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 #: How `serve` runs uvicorn (the benchmark's baseline runs the same way). In-flight
 #: requests get 25 s to finish on SIGTERM; no access log: the receiver's own line per
 #: delivery (`receiver.logs`) says more, and a second line per request is noise.
-UVICORN_OPTIONS: dict[str, Any] = {"timeout_graceful_shutdown": 25, "access_log": False}
+UVICORN_OPTIONS: dict[str, Any] = {
+    "timeout_graceful_shutdown": 25,
+    "access_log": False,
+    # uvicorn's loggers keep the receiver's handler (receiver.logs), which never blocks nor raises.
+    "log_config": None,
+}
 
 
 @click.group()

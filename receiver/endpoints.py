@@ -180,6 +180,10 @@ async def readyz(request: Request) -> Response:
             conn.exec_driver_sql("SELECT 1")
             conn.rollback()
 
+    workers = getattr(request.app.state, "workers", {})
+    stopped = sorted(name for name, worker in workers.items() if not worker.alive())
+    if stopped:
+        return _error(503, f"not running: {', '.join(stopped)}")
     try:
         await run_in_threadpool(ping)
     except Exception:
