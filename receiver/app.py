@@ -6,6 +6,7 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -15,6 +16,7 @@ from starlette.routing import Route
 
 from receiver import endpoints
 from receiver.auth import Authenticator
+from receiver.connections import LIMITS_KEY, ConnectionLimits, default_max_connections
 from receiver.db import check_schema, create_db_engine
 from receiver.deadlines import Deadlines
 from receiver.ledger import Ledger, RawDelivery, Recorded
@@ -37,6 +39,19 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
                 "Log lines dropped because the log could not be written (closed, full, blocked).",
                 dropped_lines,
             ),
+            "receiver_connections_open": ("Open client connections.", lambda: limits.open),
+            "receiver_connections_refused_total": (
+                "Connections refused with 503 + Retry-After: the cap reached, all busy.",
+                lambda: limits.refused,
+            ),
+            "receiver_connections_evicted_total": (
+                "Connections closed at the cap while still waiting for a request head.",
+                lambda: limits.evicted,
+            ),
+            "receiver_connections_head_timeouts_total": (
+                "Connections closed for not sending a request head in time.",
+                lambda: limits.head_timeouts,
+            ),
             "receiver_thread_restarts_total": (
                 "Restarts of the ledger writer, pipeline and spool drainer after an exception.",
                 lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
@@ -58,15 +73,20 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     spool = Spool(settings.data_dir / "spool")
     drainer = SpoolDrainer(spool, engine, on_committed=committed)
 
+    limits = ConnectionLimits(
+        settings.max_connections or default_max_connections(), settings.head_timeout_seconds
+    )
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         check_schema(engine)
         pipeline.start()
         ledger.start()
         pipeline.submit_unprocessed()
         drainer.start()  # deliveries spooled before a crash or restart go in first
         try:
-            yield
+            # uvicorn hands this state to every connection (receiver.connections).
+            yield {LIMITS_KEY: limits}
         finally:
             # uvicorn has let in-flight requests finish; commit what is queued, then process it.
             drainer.stop()
@@ -101,6 +121,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.metrics = metrics
     app.state.spool = spool
     app.state.spool_drainer = drainer
+    app.state.connection_limits = limits
     # /readyz fails while one of these is not running (receiver.workers).
     app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS

@@ -65,6 +65,8 @@ UVICORN_OPTIONS: dict[str, Any] = {
     "access_log": False,
     # uvicorn's loggers keep the receiver's handler (receiver.logs), which never blocks nor raises.
     "log_config": None,
+    # A head timeout and a connection cap on top of uvicorn's httptools (receiver.connections).
+    "http": "receiver.connections:BoundedHttpProtocol",
 }
 
 

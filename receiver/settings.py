@@ -42,6 +42,18 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ("RECEIVER_MAX_DEPTH", "5", "JSON nesting depth flattened into columns; deeper is JSON text."),
     ("RECEIVER_LOG_FORMAT", "plain", "`plain` or `json`: one log line per delivery."),
     ("RECEIVER_AUTH_CACHE_SECONDS", "2", "How long per-hook token hashes are cached in memory."),
+    (
+        "RECEIVER_HEAD_TIMEOUT_SECONDS",
+        "5",
+        "A connection must send a whole request head this soon after opening (or after its"
+        " last answer), else it is closed.",
+    ),
+    (
+        "RECEIVER_MAX_CONNECTIONS",
+        "0",
+        "Most open client connections; 0: the open-file limit less 128. Past it the oldest"
+        " connection still waiting for its head is closed, or, if all are busy, 503 + Retry-After.",
+    ),
 )
 
 
@@ -57,6 +69,8 @@ class Settings:
     max_depth: int = 5
     log_format: str = "plain"
     auth_cache_seconds: float = 2.0
+    head_timeout_seconds: float = 5.0
+    max_connections: int = 0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -85,4 +99,6 @@ class Settings:
             max_depth=int(env.get("RECEIVER_MAX_DEPTH", "5")),
             log_format=log_format,
             auth_cache_seconds=float(env.get("RECEIVER_AUTH_CACHE_SECONDS", "2")),
+            head_timeout_seconds=float(env.get("RECEIVER_HEAD_TIMEOUT_SECONDS", "5")),
+            max_connections=int(env.get("RECEIVER_MAX_CONNECTIONS", "0")),
         )
