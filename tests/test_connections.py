@@ -77,7 +77,7 @@ def test_a_slowloris_of_thousands_does_not_starve_deliveries(db_url: str, tmp_pa
         with live_server(db_url, tmp_path / "data", env=env, open_files=1024) as server:
             flood = threading.Thread(target=_stall, args=(server.port, 3000, stalled))
             flood.start()
-            answers = []
+            answers: list[int] = []
             while flood.is_alive() or len(answers) < 20:
                 answers.append(_deliver(server.url, len(answers)))
             flood.join()
