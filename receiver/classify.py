@@ -9,6 +9,7 @@ every variant the catalogue shows is read here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from receiver.bounds import check_usage
 from receiver.columns import JsonValue
 from receiver.csvparse import looks_like_csv
 from receiver.errors import Quarantine
@@ -247,7 +249,7 @@ def _usage(usage: dict[str, JsonValue], data: dict[str, JsonValue]) -> Usage:
                 return _number(found[0], found[1], integer=kind is int)
         return None
 
-    return Usage(
+    usage_values = Usage(
         input_tokens=pick(
             int,
             (usage, ("inputTokens", "input_tokens", "prompt_tokens")),
@@ -269,6 +271,8 @@ def _usage(usage: dict[str, JsonValue], data: dict[str, JsonValue]) -> Usage:
         ),
         cost_usd=pick(float, (usage, ("cost", "cost_usd")), (data, ("cost",))),
     )
+    check_usage(dataclasses.asdict(usage_values))
+    return usage_values
 
 
 def _number(name: str, value: JsonValue, *, integer: bool) -> int | float:
