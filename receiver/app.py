@@ -21,6 +21,7 @@ from receiver.db import check_schema, create_db_engine
 from receiver.deadlines import Deadlines
 from receiver.ledger import Ledger, RawDelivery, Recorded
 from receiver.logs import DeliveryLine, configure_logging, dropped_lines, log_delivery
+from receiver.memory import BodyBudget, return_memory_to_the_os
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
 from receiver.openapi import openapi_document
 from receiver.pipeline import Pipeline
@@ -52,6 +53,22 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
                 "Connections closed for not sending a request head in time.",
                 lambda: limits.head_timeouts,
             ),
+            "receiver_body_budget_held_bytes": (
+                "Bytes of request bodies in hand (read, not yet committed).",
+                lambda: budget.held,
+            ),
+            "receiver_body_budget_peak_bytes": (
+                "Most bytes of request bodies in hand at once since start.",
+                lambda: budget.peak,
+            ),
+            "receiver_body_budget_waits_total": (
+                "Large bodies that waited for room in the memory budget.",
+                lambda: budget.waited,
+            ),
+            "receiver_body_budget_refused_total": (
+                "Large bodies refused with 503 + Retry-After: no room in the budget in time.",
+                lambda: budget.refused,
+            ),
             "receiver_thread_restarts_total": (
                 "Restarts of the ledger writer, pipeline and spool drainer after an exception.",
                 lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
@@ -73,6 +90,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     spool = Spool(settings.data_dir / "spool")
     drainer = SpoolDrainer(spool, engine, on_committed=committed)
 
+    budget = BodyBudget(max(settings.memory_budget_bytes, settings.max_body_bytes))
     limits = ConnectionLimits(
         settings.max_connections or default_max_connections(), settings.head_timeout_seconds
     )
@@ -122,6 +140,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.spool = spool
     app.state.spool_drainer = drainer
     app.state.connection_limits = limits
+    app.state.body_budget = budget
     # /readyz fails while one of these is not running (receiver.workers).
     app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
@@ -190,3 +209,4 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+    return_memory_to_the_os()  # big bodies in mappings of their own (receiver.memory)

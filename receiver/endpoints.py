@@ -17,6 +17,7 @@ from receiver.auth import Authenticator
 from receiver.deadlines import Deadlines, Timeout
 from receiver.errors import LedgerUnavailable, SpoolUnavailable
 from receiver.ledger import Ledger, RawDelivery
+from receiver.memory import BodyBudget, OverBudget
 from receiver.spool import Spool
 
 log = logging.getLogger("receiver.http")
@@ -26,6 +27,8 @@ MAX_HOOK_NAME = 128
 LEDGER_WAIT_SECONDS = 10.0
 #: How long a client may take to send its body: a stuck client cannot hold a slot forever.
 BODY_READ_SECONDS = 15.0
+#: Seconds a client refused for want of memory is asked to wait.
+RETRY_AFTER_SECONDS = 1
 #: Request headers never written to the ledger.
 SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
@@ -34,8 +37,9 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _accepted(request: Request, delivery_id: str, status: str) -> Response:
@@ -99,7 +103,6 @@ async def receive_delivery(request: Request) -> Response:
     if len(hook) > MAX_HOOK_NAME or not hook.isprintable():
         return _error(404, "unknown hook")
     auth: Authenticator = state.authenticator
-    deadlines: Deadlines = state.deadlines
     wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
     lookup_failed = False
     if not auth.is_cached(hook):
@@ -116,6 +119,34 @@ async def receive_delivery(request: Request) -> Response:
             return _error(503, "database unavailable")
         return _error(401, "missing or wrong Authorization")
     limit: int = state.settings.max_body_bytes
+    declared = headers.content_length
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return _error(413, f"body larger than {limit} bytes")
+    budget: BodyBudget = state.body_budget
+    held = int(declared) if declared is not None and declared.isdigit() else 0
+    try:
+        await budget.acquire(held)
+    except OverBudget:
+        return _error(503, "too many large bodies in hand, retry shortly", RETRY_AFTER_SECONDS)
+    try:
+        return await _receive_body(request, hook, verdict.create_hook, headers, budget, started)
+    finally:
+        budget.release(held + getattr(request.state, "budget_extra", 0))
+
+
+async def _receive_body(
+    request: Request,
+    hook: str,
+    create_hook: bool,
+    headers: _Headers,
+    budget: BodyBudget,
+    started: float,
+) -> Response:
+    """Read the body, within the budget already held for its declared size, and record it."""
+    state = request.app.state
+    deadlines: Deadlines = state.deadlines
+    wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
+    limit: int = state.settings.max_body_bytes
     body_seconds: float = getattr(state, "body_read_seconds", BODY_READ_SECONDS)
     try:
         body = await read_body(
@@ -127,6 +158,11 @@ async def receive_delivery(request: Request) -> Response:
         return _error(400, "client disconnected")
     except TimeoutError:
         return _error(408, f"body not received within {body_seconds:g} s")
+    declared = headers.content_length
+    extra = len(body) - (int(declared) if declared is not None and declared.isdigit() else 0)
+    if extra > 0:  # no Content-Length (chunked): counted once read, bounded by the limit
+        budget.hold(extra)
+        request.state.budget_extra = extra
     request.state.body_size = len(body)  # for the delivery log line (receiver.logs)
     delivery = RawDelivery(
         hook=hook,
@@ -134,7 +170,7 @@ async def receive_delivery(request: Request) -> Response:
         content_type=headers.content_type,
         headers=headers.kept,
         query_string=request.scope.get("query_string", b"").decode("latin-1"),
-        create_hook=verdict.create_hook,
+        create_hook=create_hook,
     )
     ledger: Ledger = state.ledger
     try:

@@ -24,6 +24,7 @@ from receiver.classify import Envelope, OutputType, classify
 from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
 from receiver.ledger import RawDelivery
+from receiver.memory import closes_after
 from receiver.models import Delivery, Hook, Output
 from receiver.results import HeldInserts, delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
@@ -92,6 +93,16 @@ def process_deliveries(
         missing = [i for i in delivery_ids if i not in found]
         if missing:
             raise LookupError(missing[0])
+        runs = _runs_within(delivery_ids, {i: found[i].body_size or 0 for i in delivery_ids})
+        if len(runs) > 1:  # large bodies: a batch at a time would hold them all at once
+            conn.rollback()
+            return [
+                outcome
+                for run in runs
+                for outcome in process_deliveries(
+                    engine, run, max_depth=max_depth, bodies=_only(bodies, run)
+                )
+            ]
         bodies = dict(bodies or {})
         unread = [i for i in delivery_ids if i not in bodies and found[i].status != "duplicate"]
         if unread:
@@ -129,7 +140,30 @@ def process_deliveries(
                 outcomes |= _write_batch(
                     conn, parsed, registered, isolated=True, max_depth=max_depth
                 )
+        if closes_after(len(body) for body in bodies.values()):
+            conn.invalidate()  # its statements hold copies of the bodies (receiver.memory)
     return [outcomes[i] for i in delivery_ids]
+
+
+#: Most body bytes one batch reads, parses and writes at once (one body may be larger).
+BATCH_BYTES = 16 * 2**20
+
+
+def _runs_within(ids: list[str], sizes: Mapping[str, int]) -> list[list[str]]:
+    """``ids`` cut, in order, into runs of at most `BATCH_BYTES` of bodies (one if they fit)."""
+    runs: list[list[str]] = [[]]
+    total = 0
+    for i in ids:
+        if runs[-1] and total + sizes[i] > BATCH_BYTES:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += sizes[i]
+    return runs
+
+
+def _only(bodies: Mapping[str, bytes] | None, ids: list[str]) -> dict[str, bytes]:
+    return {i: bodies[i] for i in ids if i in bodies} if bodies else {}
 
 
 class _Isolate(Exception):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_MEMORY_BUDGET_BYTES = 128 * 1024 * 1024
 
 #: One row per setting: environment variable, default (as documented), meaning.
 #: The README's settings table is generated from this and a test keeps them in step.
@@ -54,6 +55,12 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "Most open client connections; 0: the open-file limit less 128. Past it the oldest"
         " connection still waiting for its head is closed, or, if all are busy, 503 + Retry-After.",
     ),
+    (
+        "RECEIVER_MEMORY_BUDGET_BYTES",
+        str(DEFAULT_MEMORY_BUDGET_BYTES),
+        "Most bytes of request bodies in hand at once (at least the body limit). Past it a large"
+        " body waits up to 20 s, then 503 + Retry-After.",
+    ),
 )
 
 
@@ -71,6 +78,7 @@ class Settings:
     auth_cache_seconds: float = 2.0
     head_timeout_seconds: float = 5.0
     max_connections: int = 0
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -101,4 +109,7 @@ class Settings:
             auth_cache_seconds=float(env.get("RECEIVER_AUTH_CACHE_SECONDS", "2")),
             head_timeout_seconds=float(env.get("RECEIVER_HEAD_TIMEOUT_SECONDS", "5")),
             max_connections=int(env.get("RECEIVER_MAX_CONNECTIONS", "0")),
+            memory_budget_bytes=int(
+                env.get("RECEIVER_MEMORY_BUDGET_BYTES", DEFAULT_MEMORY_BUDGET_BYTES)
+            ),
         )
