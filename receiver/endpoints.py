@@ -18,6 +18,7 @@ from receiver.deadlines import Deadlines, Timeout
 from receiver.errors import LedgerUnavailable, SpoolUnavailable
 from receiver.ledger import Ledger, RawDelivery
 from receiver.memory import BodyBudget, OverBudget
+from receiver.redaction import redact_headers, redact_query
 from receiver.spool import Spool
 
 log = logging.getLogger("receiver.http")
@@ -164,12 +165,17 @@ async def _receive_body(
         budget.hold(extra)
         request.state.budget_extra = extra
     request.state.body_size = len(body)  # for the delivery log line (receiver.logs)
+    auth: Authenticator = state.authenticator
     delivery = RawDelivery(
         hook=hook,
         body=body,
         content_type=headers.content_type,
-        headers=headers.kept,
-        query_string=request.scope.get("query_string", b"").decode("latin-1"),
+        # Credentials pasted into the URL or a header are masked first (receiver.redaction).
+        headers=redact_headers(headers.kept),
+        query_string=redact_query(
+            request.scope.get("query_string", b"").decode("latin-1"),
+            lambda raw: auth.check(hook, raw).ok,
+        ),
         create_hook=create_hook,
     )
     ledger: Ledger = state.ledger
