@@ -78,6 +78,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     pipeline = Pipeline(
         engine,
         max_depth=settings.max_depth,
+        max_body_bytes=settings.max_body_bytes,
         on_processed=metrics.delivery_processed,
         busy=lambda: ledger.busy(),
     )

@@ -23,6 +23,7 @@ from receiver.bounds import check_usage
 from receiver.columns import JsonValue
 from receiver.csvparse import looks_like_csv
 from receiver.errors import Quarantine
+from receiver.nesting import parse_within_depth
 
 
 class Kind(StrEnum):
@@ -80,7 +81,12 @@ def _refuse_constant(name: str) -> float:
 
 
 def parse_json(text: str) -> JsonValue:
-    """Strict RFC 8259 parsing: Python's ``NaN``/``Infinity`` extensions are refused."""
+    """Strict RFC 8259 parsing: Python's ``NaN``/``Infinity`` extensions are refused,
+    and so is nesting past `receiver.nesting.MAX_JSON_DEPTH` (`TooDeep`, a quarantine)."""
+    return parse_within_depth(text, _strict)
+
+
+def _strict(text: str) -> JsonValue:
     value: JsonValue = json.loads(text, parse_constant=_refuse_constant)
     return value
 

@@ -22,12 +22,14 @@ from sqlalchemy import Connection, Engine, Row, bindparam, delete, insert, selec
 
 from receiver.classify import Envelope, OutputType, classify
 from receiver.db import utcnow, write_transaction
+from receiver.encodings import decode_body
 from receiver.errors import Quarantine
 from receiver.ledger import RawDelivery
 from receiver.memory import closes_after
 from receiver.models import Delivery, Hook, Output
 from receiver.results import HeldInserts, delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
+from receiver.settings import DEFAULT_MAX_BODY_BYTES
 from receiver.tasks import task_ids, task_row, upsert_tasks
 from receiver.workers import QueueWorker
 
@@ -72,6 +74,7 @@ def process_deliveries(
     *,
     max_depth: int,
     bodies: Mapping[str, bytes] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> list[Outcome]:
     """Process several deliveries in one write transaction.
 
@@ -100,7 +103,11 @@ def process_deliveries(
                 outcome
                 for run in runs
                 for outcome in process_deliveries(
-                    engine, run, max_depth=max_depth, bodies=_only(bodies, run)
+                    engine,
+                    run,
+                    max_depth=max_depth,
+                    bodies=_only(bodies, run),
+                    max_body_bytes=max_body_bytes,
                 )
             ]
         bodies = dict(bodies or {})
@@ -121,7 +128,9 @@ def process_deliveries(
                 continue
             expected, _ = registered[delivery.hook]
             try:
-                envelope = classify(bodies[delivery_id], delivery.content_type, expected=expected)
+                # Content-Encoding undone, within the body limit (receiver.encodings).
+                body = decode_body(bodies[delivery_id], delivery.headers, max_body_bytes)
+                envelope = classify(body, delivery.content_type, expected=expected)
                 parsed.append((delivery, envelope))
             except Quarantine as exc:
                 parsed.append((delivery, exc))
@@ -396,6 +405,7 @@ class Pipeline(QueueWorker[str]):
         max_yield: float = 0.5,
         sweep_seconds: float = 60.0,
         held_bytes: int = HELD_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.engine = engine
         self.max_depth = max_depth
@@ -407,6 +417,7 @@ class Pipeline(QueueWorker[str]):
         self.max_yield = max_yield
         self.sweep_seconds = sweep_seconds
         self.held_bytes = held_bytes
+        self.max_body_bytes = max_body_bytes
         super().__init__(queue.Queue())
         self._queue: queue.Queue[str | None]
         self._bodies: dict[str, bytes] = {}
@@ -500,7 +511,11 @@ class Pipeline(QueueWorker[str]):
     def _process(self, ids: list[str]) -> dict[str, str]:
         try:
             outcomes = process_deliveries(
-                self.engine, ids, max_depth=self.max_depth, bodies=self._bodies_for(ids)
+                self.engine,
+                ids,
+                max_depth=self.max_depth,
+                bodies=self._bodies_for(ids),
+                max_body_bytes=self.max_body_bytes,
             )
             return {o.delivery_id: o.status for o in outcomes}
         except Exception:
