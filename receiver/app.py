@@ -19,6 +19,7 @@ from receiver.auth import Authenticator
 from receiver.connections import LIMITS_KEY, ConnectionLimits, default_max_connections
 from receiver.db import check_schema, create_db_engine
 from receiver.deadlines import Deadlines
+from receiver.hooknames import HookLimit
 from receiver.ledger import Ledger, RawDelivery, Recorded
 from receiver.logs import DeliveryLine, configure_logging, dropped_lines, log_delivery
 from receiver.memory import BodyBudget, return_memory_to_the_os
@@ -69,6 +70,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
                 "Large bodies refused with 503 + Retry-After: no room in the budget in time.",
                 lambda: budget.refused,
             ),
+            "receiver_hook_names_refused_total": (
+                "Deliveries to a name that is not a hook name (404).",
+                lambda: hook_limit.names_refused,
+            ),
+            "receiver_hooks_refused_total": (
+                "Deliveries to an unknown hook not created: RECEIVER_MAX_HOOKS reached or"
+                " RECEIVER_CREATE_HOOKS false (404).",
+                lambda: hook_limit.over_limit,
+            ),
             "receiver_thread_restarts_total": (
                 "Restarts of the ledger writer, pipeline and spool drainer after an exception.",
                 lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
@@ -91,6 +101,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     spool = Spool(settings.data_dir / "spool")
     drainer = SpoolDrainer(spool, engine, on_committed=committed)
 
+    hook_limit = HookLimit(engine, settings.max_hooks, settings.create_hooks)
     budget = BodyBudget(max(settings.memory_budget_bytes, settings.max_body_bytes))
     limits = ConnectionLimits(
         settings.max_connections or default_max_connections(), settings.head_timeout_seconds
@@ -142,6 +153,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.spool_drainer = drainer
     app.state.connection_limits = limits
     app.state.body_budget = budget
+    app.state.hook_limit = hook_limit
     # /readyz fails while one of these is not running (receiver.workers).
     app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS

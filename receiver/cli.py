@@ -261,9 +261,12 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
 
     from receiver import auth
     from receiver.db import upgrade, utcnow, write_transaction
+    from receiver.hooknames import NAME_REFUSAL, valid_hook_name
     from receiver.models import Hook
     from receiver.schema import declare
 
+    if not valid_hook_name(name):
+        raise click.BadParameter(NAME_REFUSAL, param_hint="NAME")
     engine = _engine(ctx)
     upgrade(engine)
     schema = json.load(schema_file) if schema_file else None

@@ -6,6 +6,7 @@ everything else happens after, in `pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -16,6 +17,7 @@ from starlette.responses import JSONResponse, Response
 from receiver.auth import Authenticator
 from receiver.deadlines import Deadlines, Timeout
 from receiver.errors import LedgerUnavailable, SpoolUnavailable
+from receiver.hooknames import NAME_REFUSAL, HookLimit, valid_hook_name
 from receiver.ledger import Ledger, RawDelivery
 from receiver.memory import BodyBudget, OverBudget
 from receiver.redaction import redact_headers, redact_query
@@ -23,7 +25,6 @@ from receiver.spool import Spool
 
 log = logging.getLogger("receiver.http")
 
-MAX_HOOK_NAME = 128
 #: How long a request waits for the database before it spools (WebRun gives up after 30 s).
 LEDGER_WAIT_SECONDS = 10.0
 #: How long a client may take to send its body: a stuck client cannot hold a slot forever.
@@ -101,8 +102,10 @@ async def receive_delivery(request: Request) -> Response:
     state = request.app.state
     hook: str = request.path_params["name"]
     started = time.perf_counter()
-    if len(hook) > MAX_HOOK_NAME or not hook.isprintable():
-        return _error(404, "unknown hook")
+    hooks: HookLimit = state.hook_limit
+    if not valid_hook_name(hook):
+        hooks.names_refused += 1
+        return _error(404, NAME_REFUSAL)
     auth: Authenticator = state.authenticator
     wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
     lookup_failed = False
@@ -119,6 +122,21 @@ async def receive_delivery(request: Request) -> Response:
         if lookup_failed:  # maybe a token we could not look up: not the client's fault
             return _error(503, "database unavailable")
         return _error(401, "missing or wrong Authorization")
+    if verdict.create_hook:  # a global token for a hook not made yet (receiver.hooknames)
+        if hooks.stale():
+            try:
+                await run_in_threadpool(hooks.refresh)
+            except Exception:
+                log.warning("counting hooks failed; the last count stands")
+        refused = hooks.refusal()
+        if refused is not None:
+            # The hook may have been made since its tokens were cached: look again.
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(auth.refresh, hook)
+            verdict = auth.check(hook, headers.token())
+            if verdict.create_hook or not verdict.ok:
+                hooks.over_limit += 1
+                return _error(404, refused)
     limit: int = state.settings.max_body_bytes
     declared = headers.content_length
     if declared is not None and declared.isdigit() and int(declared) > limit:

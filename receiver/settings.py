@@ -61,6 +61,16 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "Most bytes of request bodies in hand at once (at least the body limit). Past it a large"
         " body waits up to 20 s, then 503 + Retry-After.",
     ),
+    (
+        "RECEIVER_MAX_HOOKS",
+        "1000",
+        "Most hooks; past it a global token no longer creates a hook on first use (404).",
+    ),
+    (
+        "RECEIVER_CREATE_HOOKS",
+        "true",
+        "`false`: only hooks made by `receiver hooks add` receive deliveries (others 404).",
+    ),
 )
 
 
@@ -79,6 +89,8 @@ class Settings:
     head_timeout_seconds: float = 5.0
     max_connections: int = 0
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    max_hooks: int = 1000
+    create_hooks: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -98,6 +110,9 @@ class Settings:
         log_format = env.get("RECEIVER_LOG_FORMAT", "plain")
         if log_format not in {"plain", "json"}:
             raise ValueError(f"RECEIVER_LOG_FORMAT must be plain or json, not {log_format!r}")
+        create_hooks = env.get("RECEIVER_CREATE_HOOKS", "true").strip().lower()
+        if create_hooks not in {"true", "false", "1", "0", "yes", "no"}:
+            raise ValueError(f"RECEIVER_CREATE_HOOKS must be true or false, not {create_hooks!r}")
         return cls(
             database_url=url,
             tokens=tokens,
@@ -109,6 +124,8 @@ class Settings:
             auth_cache_seconds=float(env.get("RECEIVER_AUTH_CACHE_SECONDS", "2")),
             head_timeout_seconds=float(env.get("RECEIVER_HEAD_TIMEOUT_SECONDS", "5")),
             max_connections=int(env.get("RECEIVER_MAX_CONNECTIONS", "0")),
+            max_hooks=int(env.get("RECEIVER_MAX_HOOKS", "1000")),
+            create_hooks=create_hooks in {"true", "1", "yes"},
             memory_budget_bytes=int(
                 env.get("RECEIVER_MEMORY_BUDGET_BYTES", DEFAULT_MEMORY_BUDGET_BYTES)
             ),
