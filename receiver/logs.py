@@ -11,6 +11,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import signal
 import sys
 import threading
 from dataclasses import dataclass
@@ -140,13 +141,15 @@ class BufferedStderrHandler(logging.StreamHandler[TextIO]):
         self._lines: list[str] = []
         self._size = 0
         self._buffer_lock = threading.Lock()
+        self._stream_lock = threading.Lock()
         self._wake = threading.Event()
         self._written = threading.Condition()
         self._writes = 0
         threading.Thread(target=self._write_periodically, name="log-writer", daemon=True).start()
 
     def flush(self) -> None:
-        """The writer thread flushes; `logging` calls this after every line."""
+        """Have the writer write what is buffered (`logging.shutdown` calls this at exit)."""
+        self.flush_now()
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
@@ -176,11 +179,11 @@ class BufferedStderrHandler(logging.StreamHandler[TextIO]):
 
     def setStream(self, stream: TextIO) -> TextIO | None:
         self.flush_now()
-        self.acquire()
-        try:
-            return super().setStream(stream)
-        finally:
-            self.release()
+        with self._stream_lock:
+            if stream is self.stream:
+                return None
+            old, self.stream = self.stream, stream
+            return old
 
     def close(self) -> None:
         self.flush_now()
@@ -191,16 +194,15 @@ class BufferedStderrHandler(logging.StreamHandler[TextIO]):
             lines, self._lines, self._size = self._lines, [], 0
         if not lines:
             return
-        self.acquire()  # setStream swaps the stream under this lock
-        try:
-            self.stream.write("".join(lines))
-            self.stream.flush()
-        except Exception:  # stderr gone or full: nothing to tell it to
-            self._drop(len(lines))
-            with contextlib.suppress(Exception):  # discard what the stream still holds
-                self.stream = self._fresh(self.stream)
-        finally:
-            self.release()
+        # Not the handler's own lock: `logging.shutdown` holds that while it waits for us.
+        with self._stream_lock:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except Exception:  # stderr gone or full: nothing to tell it to
+                self._drop(len(lines))
+                with contextlib.suppress(Exception):  # discard what the stream still holds
+                    self.stream = self._fresh(self.stream)
 
     @staticmethod
     def _fresh(stream: TextIO) -> TextIO:
@@ -233,6 +235,27 @@ def dropped_lines() -> int:
     return handler.dropped if isinstance(handler, BufferedStderrHandler) else 0
 
 
+def _flush_before_termination(handler: BufferedStderrHandler) -> None:
+    """On SIGTERM, write the buffered lines out, then die of it as before.
+
+    uvicorn shuts down, puts back the handler it found and raises the signal
+    again; with the default handler the process dies with no ``atexit``, and
+    the last lines (uvicorn's "Application shutdown complete") with it.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return  # someone else's handler (or ours already)
+
+    def flush_then_die(signum: int, frame: object) -> None:
+        with contextlib.suppress(Exception):
+            handler.flush_now(timeout=2.0)
+        signal.signal(signum, signal.SIG_DFL)
+        signal.raise_signal(signum)
+
+    signal.signal(signal.SIGTERM, flush_then_die)
+
+
 def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     """Send the ``receiver`` loggers to stderr in ``log_format`` (idempotent)."""
     logger = logging.getLogger("receiver")
@@ -248,6 +271,8 @@ def configure_logging(log_format: str, level: int = logging.INFO) -> None:
     server.addHandler(handler)
     server.setLevel(logging.INFO)
     server.propagate = False
+    if isinstance(handler, BufferedStderrHandler):
+        _flush_before_termination(handler)
     if log_format == "json":
         handler.setFormatter(JsonFormatter())
     else:
