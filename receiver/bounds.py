@@ -9,8 +9,8 @@ minutes to hours and costs dollars), yet they keep every sum exact:
   tasks of 10^9 tokens each in one day on one hook: 106,000 a second for a
   whole day, far past what one receiver can take (bench/README). So the
   rollups' 64-bit sums stay exact integers on SQLite (whose integer sums turn
-  into floats past 2^63) and within ``bigint`` on PostgreSQL (whose ``sum``
-  is NUMERIC inside, cast to ``bigint`` by the views) for any accepted input.
+  into floats past 2^63) for any accepted input; on PostgreSQL they are
+  NUMERIC (migration 0008) and cannot overflow at all.
 - times (``computeTime``, ``completion_time``) in ``0..MAX_SECONDS`` (10^7 s,
   116 days) and cost in ``0..MAX_COST_USD`` (10^6 USD): float64 sums of those
   stay finite for any number of tasks (float64 reaches 1.8 * 10^308).

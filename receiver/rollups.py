@@ -13,6 +13,8 @@ tasks count (they cost money); a task whose cost is unknown is counted in
 ``tasks_unknown_cost`` and adds nothing to ``cost_usd``, which stays NULL
 (unknown) when no task of a group has a cost.
 Money is float64, as WebRun reports it and ``tasks.cost_usd`` stores it.
+Token sums cannot overflow: NUMERIC on PostgreSQL (migration 0008, read as
+ints here), and on SQLite within 64 bits by the usage bounds (receiver.bounds).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _MEASURES = (
 
 #: Measure columns, in view order.
 MEASURES = tuple(name for name, _ in _MEASURES)
+_TOKEN_MEASURES = frozenset(MEASURES[2:5])
 
 cost_daily = Table(
     "cost_daily",
@@ -134,6 +137,8 @@ class CostRow:
         for name in MEASURES[2:]:
             value = values[name]
             if value is not None:
+                if name in _TOKEN_MEASURES:  # NUMERIC on PostgreSQL (migration 0008): exact
+                    value = int(value)
                 current = getattr(self, name)
                 setattr(self, name, value if current is None else current + value)
 
