@@ -72,7 +72,10 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 " (RECEIVER_MAX_HOOKS reached, or RECEIVER_CREATE_HOOKS false)."
             ),
             "413": _error(f"Body larger than {max_body_bytes} bytes; nothing stored."),
-            "503": _error("Neither the database nor the spool could take the delivery."),
+            "503": _error(
+                "Neither the database nor the spool could take the delivery, or (with"
+                " Retry-After) no room in the memory budget or for one more connection."
+            ),
         },
     }
     return {
