@@ -6,6 +6,7 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -15,10 +16,13 @@ from starlette.routing import BaseRoute, Mount, Route
 
 from receiver import endpoints
 from receiver.auth import Authenticator
+from receiver.connections import LIMITS_KEY, ConnectionLimits, default_max_connections
 from receiver.db import check_schema, create_db_engine
 from receiver.deadlines import Deadlines
+from receiver.hooknames import HookLimit
 from receiver.ledger import Ledger, RawDelivery, Recorded
-from receiver.logs import DeliveryLine, configure_logging, log_delivery
+from receiver.logs import DeliveryLine, configure_logging, dropped_lines, log_delivery
+from receiver.memory import BodyBudget, return_memory_to_the_os
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
 from receiver.openapi import openapi_document
 from receiver.pipeline import Pipeline
@@ -31,10 +35,61 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     """The receiver app. The schema must be migrated (`receiver db upgrade`; `serve` does it)."""
     engine = engine or create_db_engine(settings)
     # The spool is read at scrape time and only if there is one.
-    metrics = Metrics(spool=lambda: getattr(app.state, "spool", None))
+    metrics = Metrics(
+        spool=lambda: getattr(app.state, "spool", None),
+        scraped={
+            "receiver_log_lines_dropped_total": (
+                "Log lines dropped because the log could not be written (closed, full, blocked).",
+                dropped_lines,
+            ),
+            "receiver_connections_open": ("Open client connections.", lambda: limits.open),
+            "receiver_connections_refused_total": (
+                "Connections refused with 503 + Retry-After: the cap reached, all busy.",
+                lambda: limits.refused,
+            ),
+            "receiver_connections_evicted_total": (
+                "Connections closed at the cap while still waiting for a request head.",
+                lambda: limits.evicted,
+            ),
+            "receiver_connections_head_timeouts_total": (
+                "Connections closed for not sending a request head in time.",
+                lambda: limits.head_timeouts,
+            ),
+            "receiver_body_budget_held_bytes": (
+                "Bytes of request bodies in hand (read, not yet committed).",
+                lambda: budget.held,
+            ),
+            "receiver_body_budget_peak_bytes": (
+                "Most bytes of request bodies in hand at once since start.",
+                lambda: budget.peak,
+            ),
+            "receiver_body_budget_waits_total": (
+                "Large bodies that waited for room in the memory budget.",
+                lambda: budget.waited,
+            ),
+            "receiver_body_budget_refused_total": (
+                "Large bodies refused with 503 + Retry-After: no room in the budget in time.",
+                lambda: budget.refused,
+            ),
+            "receiver_hook_names_refused_total": (
+                "Deliveries to a name that is not a hook name (404).",
+                lambda: hook_limit.names_refused,
+            ),
+            "receiver_hooks_refused_total": (
+                "Deliveries to an unknown hook not created: RECEIVER_MAX_HOOKS reached or"
+                " RECEIVER_CREATE_HOOKS false (404).",
+                lambda: hook_limit.over_limit,
+            ),
+            "receiver_thread_restarts_total": (
+                "Restarts of the ledger writer, pipeline and spool drainer after an exception.",
+                lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
+            ),
+        },
+    )
     pipeline = Pipeline(
         engine,
         max_depth=settings.max_depth,
+        max_body_bytes=settings.max_body_bytes,
         on_processed=metrics.delivery_processed,
         busy=lambda: ledger.busy(),
     )
@@ -52,8 +107,14 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         else RetentionWorker(engine, settings.retention, busy=lambda: ledger.busy())
     )
 
+    hook_limit = HookLimit(engine, settings.max_hooks, settings.create_hooks)
+    budget = BodyBudget(max(settings.memory_budget_bytes, settings.max_body_bytes))
+    limits = ConnectionLimits(
+        settings.max_connections or default_max_connections(), settings.head_timeout_seconds
+    )
+
     @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+    async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         check_schema(engine)
         pipeline.start()
         ledger.start()
@@ -62,7 +123,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         if retention is not None:
             retention.start()
         try:
-            yield
+            # uvicorn hands this state to every connection (receiver.connections).
+            yield {LIMITS_KEY: limits}
         finally:
             if retention is not None:
                 retention.stop()
@@ -109,6 +171,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.spool = spool
     app.state.spool_drainer = drainer
     app.state.retention = retention
+    app.state.connection_limits = limits
+    app.state.body_budget = budget
+    app.state.hook_limit = hook_limit
+    # /readyz fails while one of these is not running (receiver.workers).
+    app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
     app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
     app.state.deadlines = Deadlines()
@@ -175,3 +242,4 @@ def settle_heap() -> None:
     """
     gc.collect()
     gc.freeze()
+    return_memory_to_the_os()  # big bodies in mappings of their own (receiver.memory)

@@ -9,6 +9,7 @@ every variant the catalogue shows is read here and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
@@ -18,9 +19,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from receiver.bounds import check_usage
 from receiver.columns import JsonValue
 from receiver.csvparse import looks_like_csv
 from receiver.errors import Quarantine
+from receiver.nesting import parse_within_depth
 
 
 class Kind(StrEnum):
@@ -78,7 +81,12 @@ def _refuse_constant(name: str) -> float:
 
 
 def parse_json(text: str) -> JsonValue:
-    """Strict RFC 8259 parsing: Python's ``NaN``/``Infinity`` extensions are refused."""
+    """Strict RFC 8259 parsing: Python's ``NaN``/``Infinity`` extensions are refused,
+    and so is nesting past `receiver.nesting.MAX_JSON_DEPTH` (`TooDeep`, a quarantine)."""
+    return parse_within_depth(text, _strict)
+
+
+def _strict(text: str) -> JsonValue:
     value: JsonValue = json.loads(text, parse_constant=_refuse_constant)
     return value
 
@@ -247,7 +255,7 @@ def _usage(usage: dict[str, JsonValue], data: dict[str, JsonValue]) -> Usage:
                 return _number(found[0], found[1], integer=kind is int)
         return None
 
-    return Usage(
+    usage_values = Usage(
         input_tokens=pick(
             int,
             (usage, ("inputTokens", "input_tokens", "prompt_tokens")),
@@ -269,6 +277,8 @@ def _usage(usage: dict[str, JsonValue], data: dict[str, JsonValue]) -> Usage:
         ),
         cost_usd=pick(float, (usage, ("cost", "cost_usd")), (data, ("cost",))),
     )
+    check_usage(dataclasses.asdict(usage_values))
+    return usage_values
 
 
 def _number(name: str, value: JsonValue, *, integer: bool) -> int | float:

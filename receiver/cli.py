@@ -68,7 +68,14 @@ def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
 #: How `serve` runs uvicorn (the benchmark's baseline runs the same way). In-flight
 #: requests get 25 s to finish on SIGTERM; no access log: the receiver's own line per
 #: delivery (`receiver.logs`) says more, and a second line per request is noise.
-UVICORN_OPTIONS: dict[str, Any] = {"timeout_graceful_shutdown": 25, "access_log": False}
+UVICORN_OPTIONS: dict[str, Any] = {
+    "timeout_graceful_shutdown": 25,
+    "access_log": False,
+    # uvicorn's loggers keep the receiver's handler (receiver.logs), which never blocks nor raises.
+    "log_config": None,
+    # A head timeout and a connection cap on top of uvicorn's httptools (receiver.connections).
+    "http": "receiver.connections:BoundedHttpProtocol",
+}
 
 
 class ReceiverGroup(click.Group):
@@ -305,9 +312,12 @@ def hooks_add(ctx: click.Context, name: str, schema_file: Any, url: str) -> None
 
     from receiver import auth
     from receiver.db import upgrade, utcnow, write_transaction
+    from receiver.hooknames import NAME_REFUSAL, valid_hook_name
     from receiver.models import Hook
     from receiver.schema import declare
 
+    if not valid_hook_name(name):
+        raise click.BadParameter(NAME_REFUSAL, param_hint="NAME")
     engine = _engine(ctx, migrated=False)
     upgrade(engine)
     schema = json.load(schema_file) if schema_file else None

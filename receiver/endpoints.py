@@ -6,6 +6,7 @@ everything else happens after, in `pipeline`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -16,16 +17,20 @@ from starlette.responses import JSONResponse, Response
 from receiver.auth import Authenticator
 from receiver.deadlines import Deadlines, Timeout
 from receiver.errors import LedgerUnavailable, SpoolUnavailable
+from receiver.hooknames import NAME_REFUSAL, HookLimit, valid_hook_name
 from receiver.ledger import Ledger, RawDelivery
+from receiver.memory import BodyBudget, OverBudget
+from receiver.redaction import redact_headers, redact_query
 from receiver.spool import Spool
 
 log = logging.getLogger("receiver.http")
 
-MAX_HOOK_NAME = 128
 #: How long a request waits for the database before it spools (WebRun gives up after 30 s).
 LEDGER_WAIT_SECONDS = 10.0
 #: How long a client may take to send its body: a stuck client cannot hold a slot forever.
 BODY_READ_SECONDS = 15.0
+#: Seconds a client refused for want of memory is asked to wait.
+RETRY_AFTER_SECONDS = 1
 #: Request headers never written to the ledger.
 SECRET_HEADERS = frozenset({b"authorization", b"proxy-authorization"})
 
@@ -34,8 +39,9 @@ class BodyTooLarge(Exception):
     pass
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, retry_after: int | None = None) -> JSONResponse:
+    headers = None if retry_after is None else {"Retry-After": str(retry_after)}
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _accepted(request: Request, delivery_id: str, status: str) -> Response:
@@ -96,10 +102,11 @@ async def receive_delivery(request: Request) -> Response:
     state = request.app.state
     hook: str = request.path_params["name"]
     started = time.perf_counter()
-    if len(hook) > MAX_HOOK_NAME or not hook.isprintable():
-        return _error(404, "unknown hook")
+    hooks: HookLimit = state.hook_limit
+    if not valid_hook_name(hook):
+        hooks.names_refused += 1
+        return _error(404, NAME_REFUSAL)
     auth: Authenticator = state.authenticator
-    deadlines: Deadlines = state.deadlines
     wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
     lookup_failed = False
     if not auth.is_cached(hook):
@@ -115,6 +122,49 @@ async def receive_delivery(request: Request) -> Response:
         if lookup_failed:  # maybe a token we could not look up: not the client's fault
             return _error(503, "database unavailable")
         return _error(401, "missing or wrong Authorization")
+    if verdict.create_hook:  # a global token for a hook not made yet (receiver.hooknames)
+        if hooks.stale():
+            try:
+                await run_in_threadpool(hooks.refresh)
+            except Exception:
+                log.warning("counting hooks failed; the last count stands")
+        refused = hooks.refusal()
+        if refused is not None:
+            # The hook may have been made since its tokens were cached: look again.
+            with contextlib.suppress(Exception):
+                await run_in_threadpool(auth.refresh, hook)
+            verdict = auth.check(hook, headers.token())
+            if verdict.create_hook or not verdict.ok:
+                hooks.over_limit += 1
+                return _error(404, refused)
+    limit: int = state.settings.max_body_bytes
+    declared = headers.content_length
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return _error(413, f"body larger than {limit} bytes")
+    budget: BodyBudget = state.body_budget
+    held = int(declared) if declared is not None and declared.isdigit() else 0
+    try:
+        await budget.acquire(held)
+    except OverBudget:
+        return _error(503, "too many large bodies in hand, retry shortly", RETRY_AFTER_SECONDS)
+    try:
+        return await _receive_body(request, hook, verdict.create_hook, headers, budget, started)
+    finally:
+        budget.release(held + getattr(request.state, "budget_extra", 0))
+
+
+async def _receive_body(
+    request: Request,
+    hook: str,
+    create_hook: bool,
+    headers: _Headers,
+    budget: BodyBudget,
+    started: float,
+) -> Response:
+    """Read the body, within the budget already held for its declared size, and record it."""
+    state = request.app.state
+    deadlines: Deadlines = state.deadlines
+    wait: float = getattr(state, "ledger_wait_seconds", LEDGER_WAIT_SECONDS)
     limit: int = state.settings.max_body_bytes
     body_seconds: float = getattr(state, "body_read_seconds", BODY_READ_SECONDS)
     try:
@@ -127,14 +177,24 @@ async def receive_delivery(request: Request) -> Response:
         return _error(400, "client disconnected")
     except TimeoutError:
         return _error(408, f"body not received within {body_seconds:g} s")
+    declared = headers.content_length
+    extra = len(body) - (int(declared) if declared is not None and declared.isdigit() else 0)
+    if extra > 0:  # no Content-Length (chunked): counted once read, bounded by the limit
+        budget.hold(extra)
+        request.state.budget_extra = extra
     request.state.body_size = len(body)  # for the delivery log line (receiver.logs)
+    auth: Authenticator = state.authenticator
     delivery = RawDelivery(
         hook=hook,
         body=body,
         content_type=headers.content_type,
-        headers=headers.kept,
-        query_string=request.scope.get("query_string", b"").decode("latin-1"),
-        create_hook=verdict.create_hook,
+        # Credentials pasted into the URL or a header are masked first (receiver.redaction).
+        headers=redact_headers(headers.kept),
+        query_string=redact_query(
+            request.scope.get("query_string", b"").decode("latin-1"),
+            lambda raw: auth.check(hook, raw).ok,
+        ),
+        create_hook=create_hook,
     )
     ledger: Ledger = state.ledger
     try:
@@ -180,6 +240,10 @@ async def readyz(request: Request) -> Response:
             conn.exec_driver_sql("SELECT 1")
             conn.rollback()
 
+    workers = getattr(request.app.state, "workers", {})
+    stopped = sorted(name for name, worker in workers.items() if not worker.alive())
+    if stopped:
+        return _error(503, f"not running: {', '.join(stopped)}")
     try:
         await run_in_threadpool(ping)
     except Exception:

@@ -32,6 +32,7 @@ from sqlalchemy import Engine
 from receiver.db import driver_time, is_sqlite, paramstyle, utcnow
 from receiver.deadlines import Timeout
 from receiver.errors import LedgerUnavailable
+from receiver.memory import closes_after
 from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.ledger")
@@ -377,6 +378,8 @@ class Ledger(QueueWorker[_Item]):
                 (time.perf_counter() - started) * 1e3,
             )
         self._write_before, self._last_write = self._last_write, time.monotonic()
+        if closes_after(len(d.body) for d, _ in batch):
+            self._close()  # its statements hold copies of the bodies (receiver.memory)
         # Hand the ids on before answering: whoever saw the 2xx can then wait on the pipeline.
         tell_committed(self.on_committed, [d for d, _ in batch], results)
         _answer([(w, r) for (_, w), r in zip(batch, results, strict=True)])

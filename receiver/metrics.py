@@ -34,7 +34,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -93,18 +93,49 @@ class SpoolCollector(Collector):
         )
 
 
+#: A value read at scrape time: metric name -> (help, reader). Counters drop ``_total``.
+Scraped = dict[str, tuple[str, Callable[[], float]]]
+
+
+class ScrapedCollector(Collector):
+    """Counters and gauges owned elsewhere (the log handler, the connection limiter), read
+    when scraped. A name ending in ``_total`` is a counter, any other a gauge."""
+
+    def __init__(self, values: Scraped) -> None:
+        self.values = values
+
+    def describe(self) -> Iterable[Metric]:
+        # Registering must not read the values: their owners may not be built yet.
+        for name, (text, _) in self.values.items():
+            if name.endswith("_total"):
+                yield CounterMetricFamily(name.removesuffix("_total"), text)
+            else:
+                yield GaugeMetricFamily(name, text)
+
+    def collect(self) -> Iterable[Metric]:
+        for name, (text, read) in self.values.items():
+            if name.endswith("_total"):
+                yield CounterMetricFamily(name.removesuffix("_total"), text, value=float(read()))
+            else:
+                yield GaugeMetricFamily(name, text, value=float(read()))
+
+
 class Metrics:
     """The receiver's counters; one per app, so tests and apps never share state."""
 
-    def __init__(self, spool: Callable[[], Any] = lambda: None) -> None:
+    def __init__(
+        self, spool: Callable[[], Any] = lambda: None, scraped: Scraped | None = None
+    ) -> None:
         self._multiproc = multiprocess_dir()
         # In multiprocess mode values live in files; the metrics must not sit in the
         # registry that is scraped, or this process's values would count twice.
         self.registry = CollectorRegistry(auto_describe=True)
         own = None if self._multiproc else self.registry
         self._spool = SpoolCollector(spool)
+        self._scraped = ScrapedCollector(scraped or {})
         if not self._multiproc:
             self.registry.register(self._spool)
+            self.registry.register(self._scraped)
         self.received = Counter(
             "receiver_deliveries_received", "POSTs to /hooks/{name}.", registry=own
         )
@@ -206,5 +237,6 @@ class Metrics:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self._multiproc)  # type: ignore[no-untyped-call]
             registry.register(self._spool)
+            registry.register(self._scraped)  # this worker's own
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -19,6 +19,7 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     MetaData,
+    Numeric,
     String,
     Text,
     text,
@@ -179,6 +180,9 @@ class ResultColumn(Base):
     position: Mapped[int] = mapped_column(Integer)
 
 
+_TOKEN_SUM = BigInteger().with_variant(Numeric(), "postgresql")
+
+
 class RollupMeasures:
     """Counts and sums of one rollup row; ``known_*`` counts tasks whose measure is known."""
 
@@ -188,9 +192,10 @@ class RollupMeasures:
     known_total_tokens: Mapped[int] = mapped_column(BigInteger)
     known_compute_time_s: Mapped[int] = mapped_column(BigInteger)
     known_cost_usd: Mapped[int] = mapped_column(BigInteger)
-    input_tokens: Mapped[int] = mapped_column(BigInteger)
-    output_tokens: Mapped[int] = mapped_column(BigInteger)
-    total_tokens: Mapped[int] = mapped_column(BigInteger)
+    # NUMERIC on PostgreSQL: a token sum cannot overflow (migration 0008).
+    input_tokens: Mapped[int] = mapped_column(_TOKEN_SUM)
+    output_tokens: Mapped[int] = mapped_column(_TOKEN_SUM)
+    total_tokens: Mapped[int] = mapped_column(_TOKEN_SUM)
     compute_time_s: Mapped[float] = mapped_column(Float)
     cost_usd: Mapped[float] = mapped_column(Float)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from receiver.endpoints import MAX_HOOK_NAME
+from receiver.hooknames import HOOK_NAME_PATTERN, MAX_HOOK_NAME
 
 _ERROR = {
     "type": "object",
@@ -42,8 +42,14 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
                 "name": "name",
                 "in": "path",
                 "required": True,
-                "description": "Hook name; created on first use with a global token.",
-                "schema": {"type": "string", "minLength": 1, "maxLength": MAX_HOOK_NAME},
+                "description": "Hook name; created on first use with a global token"
+                " (up to RECEIVER_MAX_HOOKS, unless RECEIVER_CREATE_HOOKS is false).",
+                "schema": {
+                    "type": "string",
+                    "minLength": 1,
+                    "maxLength": MAX_HOOK_NAME,
+                    "pattern": f"^{HOOK_NAME_PATTERN}$",
+                },
             }
         ],
         "requestBody": {
@@ -61,9 +67,15 @@ def openapi_document(max_body_bytes: int) -> dict[str, Any]:
             },
             "400": _error("The client disconnected before the body was read."),
             "401": _error("Missing, wrong or repeated Authorization header; nothing stored."),
-            "404": _error("Hook name longer than 128 characters or not printable."),
+            "404": _error(
+                "Not a hook name (the pattern), or an unknown hook that may not be created"
+                " (RECEIVER_MAX_HOOKS reached, or RECEIVER_CREATE_HOOKS false)."
+            ),
             "413": _error(f"Body larger than {max_body_bytes} bytes; nothing stored."),
-            "503": _error("Neither the database nor the spool could take the delivery."),
+            "503": _error(
+                "Neither the database nor the spool could take the delivery, or (with"
+                " Retry-After) no room in the memory budget or for one more connection."
+            ),
         },
     }
     return {

@@ -22,11 +22,14 @@ from sqlalchemy import Connection, Engine, Row, bindparam, delete, insert, selec
 
 from receiver.classify import Envelope, OutputType, classify
 from receiver.db import utcnow, write_transaction
+from receiver.encodings import decode_body
 from receiver.errors import Quarantine
 from receiver.ledger import RawDelivery
+from receiver.memory import closes_after
 from receiver.models import Delivery, Hook, Output
 from receiver.results import HeldInserts, delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
+from receiver.settings import DEFAULT_MAX_BODY_BYTES
 from receiver.tasks import task_ids, task_row, upsert_tasks
 from receiver.workers import QueueWorker
 
@@ -71,6 +74,7 @@ def process_deliveries(
     *,
     max_depth: int,
     bodies: Mapping[str, bytes] | None = None,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> list[Outcome]:
     """Process several deliveries in one write transaction.
 
@@ -92,6 +96,20 @@ def process_deliveries(
         missing = [i for i in delivery_ids if i not in found]
         if missing:
             raise LookupError(missing[0])
+        runs = _runs_within(delivery_ids, {i: found[i].body_size or 0 for i in delivery_ids})
+        if len(runs) > 1:  # large bodies: a batch at a time would hold them all at once
+            conn.rollback()
+            return [
+                outcome
+                for run in runs
+                for outcome in process_deliveries(
+                    engine,
+                    run,
+                    max_depth=max_depth,
+                    bodies=_only(bodies, run),
+                    max_body_bytes=max_body_bytes,
+                )
+            ]
         bodies = dict(bodies or {})
         unread = [
             i
@@ -128,7 +146,9 @@ def process_deliveries(
                 continue
             expected, _ = registered[delivery.hook]
             try:
-                envelope = classify(bodies[delivery_id], delivery.content_type, expected=expected)
+                # Content-Encoding undone, within the body limit (receiver.encodings).
+                body = decode_body(bodies[delivery_id], delivery.headers, max_body_bytes)
+                envelope = classify(body, delivery.content_type, expected=expected)
                 parsed.append((delivery, envelope))
             except Quarantine as exc:
                 parsed.append((delivery, exc))
@@ -147,7 +167,30 @@ def process_deliveries(
                 outcomes |= _write_batch(
                     conn, parsed, registered, isolated=True, max_depth=max_depth
                 )
+        if closes_after(len(body) for body in bodies.values()):
+            conn.invalidate()  # its statements hold copies of the bodies (receiver.memory)
     return [outcomes[i] for i in delivery_ids]
+
+
+#: Most body bytes one batch reads, parses and writes at once (one body may be larger).
+BATCH_BYTES = 16 * 2**20
+
+
+def _runs_within(ids: list[str], sizes: Mapping[str, int]) -> list[list[str]]:
+    """``ids`` cut, in order, into runs of at most `BATCH_BYTES` of bodies (one if they fit)."""
+    runs: list[list[str]] = [[]]
+    total = 0
+    for i in ids:
+        if runs[-1] and total + sizes[i] > BATCH_BYTES:
+            runs.append([])
+            total = 0
+        runs[-1].append(i)
+        total += sizes[i]
+    return runs
+
+
+def _only(bodies: Mapping[str, bytes] | None, ids: list[str]) -> dict[str, bytes]:
+    return {i: bodies[i] for i in ids if i in bodies} if bodies else {}
 
 
 class _Isolate(Exception):
@@ -380,6 +423,7 @@ class Pipeline(QueueWorker[str]):
         max_yield: float = 0.5,
         sweep_seconds: float = 60.0,
         held_bytes: int = HELD_BYTES,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     ) -> None:
         self.engine = engine
         self.max_depth = max_depth
@@ -391,6 +435,7 @@ class Pipeline(QueueWorker[str]):
         self.max_yield = max_yield
         self.sweep_seconds = sweep_seconds
         self.held_bytes = held_bytes
+        self.max_body_bytes = max_body_bytes
         super().__init__(queue.Queue())
         self._queue: queue.Queue[str | None]
         self._bodies: dict[str, bytes] = {}
@@ -484,7 +529,11 @@ class Pipeline(QueueWorker[str]):
     def _process(self, ids: list[str]) -> dict[str, str]:
         try:
             outcomes = process_deliveries(
-                self.engine, ids, max_depth=self.max_depth, bodies=self._bodies_for(ids)
+                self.engine,
+                ids,
+                max_depth=self.max_depth,
+                bodies=self._bodies_for(ids),
+                max_body_bytes=self.max_body_bytes,
             )
             return {o.delivery_id: o.status for o in outcomes}
         except Exception:

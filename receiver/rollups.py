@@ -13,6 +13,8 @@ tasks count (they cost money); a task whose cost is unknown is counted in
 ``tasks_unknown_cost`` and adds nothing to ``cost_usd``, which stays NULL
 (unknown) when no task of a group has a cost.
 Money is float64, as WebRun reports it and ``tasks.cost_usd`` stores it.
+Token sums cannot overflow: NUMERIC on PostgreSQL (migration 0008, read as
+ints here), and on SQLite within 64 bits by the usage bounds (receiver.bounds).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ _MEASURES = (
 
 #: Measure columns, in view order.
 MEASURES = tuple(name for name, _ in _MEASURES)
+_TOKEN_MEASURES = frozenset(MEASURES[2:5])
 
 cost_daily = Table(
     "cost_daily",
@@ -183,6 +186,8 @@ class CostRow:
                     if current is not None:
                         self.partial.add(name)
                 continue
+            if name in _TOKEN_MEASURES:  # NUMERIC on PostgreSQL (migration 0008): exact
+                value = int(value)
             if name in self._unknown:
                 self.partial.add(name)
             setattr(self, name, value if current is None else current + value)

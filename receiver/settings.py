@@ -19,6 +19,7 @@ from receiver.errors import SettingsError
 
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 _N = TypeVar("_N", int, float)
+DEFAULT_MEMORY_BUDGET_BYTES = 128 * 1024 * 1024
 
 #: One row per setting: environment variable, default (as documented), meaning.
 #: The README's settings table is generated from this and a test keeps them in step.
@@ -60,6 +61,34 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "Opens the web console at `/console/` (sign-in form or `Authorization: Bearer ...`)."
         " Unset: no console. Never a webhook token.",
     ),
+    (
+        "RECEIVER_HEAD_TIMEOUT_SECONDS",
+        "5",
+        "A connection must send a whole request head this soon after opening (or after its"
+        " last answer), else it is closed.",
+    ),
+    (
+        "RECEIVER_MAX_CONNECTIONS",
+        "0",
+        "Most open client connections; 0: the open-file limit less 128. Past it the oldest"
+        " connection still waiting for its head is closed, or, if all are busy, 503 + Retry-After.",
+    ),
+    (
+        "RECEIVER_MEMORY_BUDGET_BYTES",
+        str(DEFAULT_MEMORY_BUDGET_BYTES),
+        "Most bytes of request bodies in hand at once (at least the body limit). Past it a large"
+        " body waits up to 20 s, then 503 + Retry-After.",
+    ),
+    (
+        "RECEIVER_MAX_HOOKS",
+        "1000",
+        "Most hooks; past it a global token no longer creates a hook on first use (404).",
+    ),
+    (
+        "RECEIVER_CREATE_HOOKS",
+        "true",
+        "`false`: only hooks made by `receiver hooks add` receive deliveries (others 404).",
+    ),
 )
 
 
@@ -78,6 +107,11 @@ class Settings:
     #: Raw bodies older than this are pruned by `serve` (`receiver.retention`); None: kept.
     retention: dt.timedelta | None = None
     console_token: str | None = None
+    head_timeout_seconds: float = 5.0
+    max_connections: int = 0
+    memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
+    max_hooks: int = 1000
+    create_hooks: bool = True
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -97,6 +131,11 @@ class Settings:
         log_format = env.get("RECEIVER_LOG_FORMAT", "plain")
         if log_format not in {"plain", "json"}:
             raise SettingsError(f"RECEIVER_LOG_FORMAT must be plain or json, not {log_format!r}")
+        create_hooks = env.get("RECEIVER_CREATE_HOOKS", "true").strip().lower()
+        if create_hooks not in {"true", "false", "1", "0", "yes", "no"}:
+            raise SettingsError(
+                f"RECEIVER_CREATE_HOOKS must be true or false, not {create_hooks!r}"
+            )
         return cls(
             database_url=url,
             tokens=tokens,
@@ -108,6 +147,13 @@ class Settings:
             auth_cache_seconds=_number(env, "RECEIVER_AUTH_CACHE_SECONDS", 2.0, float),
             retention=_retention(env.get("RECEIVER_RETENTION", "")),
             console_token=env.get("RECEIVER_CONSOLE_TOKEN", "").strip() or None,
+            head_timeout_seconds=_number(env, "RECEIVER_HEAD_TIMEOUT_SECONDS", 5.0, float),
+            max_connections=_number(env, "RECEIVER_MAX_CONNECTIONS", 0, int),
+            max_hooks=_number(env, "RECEIVER_MAX_HOOKS", 1000, int),
+            create_hooks=create_hooks in {"true", "1", "yes"},
+            memory_budget_bytes=_number(
+                env, "RECEIVER_MEMORY_BUDGET_BYTES", DEFAULT_MEMORY_BUDGET_BYTES, int
+            ),
         )
 
 

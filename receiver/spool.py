@@ -36,6 +36,7 @@ from sqlalchemy import Engine
 from receiver.db import is_sqlite
 from receiver.errors import SpoolCorrupt, SpoolUnavailable
 from receiver.ledger import OnCommitted, RawDelivery, tell_committed, write_deliveries
+from receiver.workers import Restarts, supervised
 
 log = logging.getLogger("receiver.spool")
 
@@ -216,12 +217,18 @@ class SpoolDrainer:
         self._thread: threading.Thread | None = None
         self._conn: Any = None
         self._limit = batch_size
+        self.restarts = Restarts()
+
+    def alive(self) -> bool:
+        """Started and running (or never started)."""
+        return self._thread is None or self._thread.is_alive()
 
     def start(self) -> None:
         if self._thread is None:
             self._stop.clear()
             self.spool.remove_stale_temporaries()
-            self._thread = threading.Thread(target=self._run, name="spool-drainer", daemon=True)
+            target = supervised(self._run, "spool-drainer", self.restarts)
+            self._thread = threading.Thread(target=target, name="spool-drainer", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:

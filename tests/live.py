@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -36,7 +37,14 @@ class ServerProcess:
     """``python -m receiver serve`` as a child process."""
 
     def __init__(
-        self, database_url: str, data_dir: Path, *, max_body_bytes: int | None = None
+        self,
+        database_url: str,
+        data_dir: Path,
+        *,
+        max_body_bytes: int | None = None,
+        env: dict[str, str] | None = None,
+        stderr: int | None = None,
+        open_files: int | None = None,
     ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -50,19 +58,31 @@ class ServerProcess:
         }
         if max_body_bytes is not None:
             self.env["RECEIVER_MAX_BODY_BYTES"] = str(max_body_bytes)
+        self.env |= env or {}
+        #: A descriptor for the server's stdout and stderr instead of the log file.
+        self.stderr = stderr
+        #: RLIMIT_NOFILE of the server process.
+        self.open_files = open_files
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.port = free_port()  # a restart may not get the old port back at once
         self.url = f"http://127.0.0.1:{self.port}"
+        limit = self.open_files
+
+        def lower_file_limit() -> None:
+            if limit is not None:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit))
+
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "receiver", "serve", "--port", str(self.port)],
                 cwd=ROOT,
                 env=self.env,
-                stdout=log,
+                stdout=log if self.stderr is None else self.stderr,
                 stderr=subprocess.STDOUT,
+                preexec_fn=lower_file_limit if limit is not None else None,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -105,9 +125,22 @@ class ServerProcess:
 
 @contextlib.contextmanager
 def live_server(
-    database_url: str, data_dir: Path, *, max_body_bytes: int | None = None
+    database_url: str,
+    data_dir: Path,
+    *,
+    max_body_bytes: int | None = None,
+    env: dict[str, str] | None = None,
+    stderr: int | None = None,
+    open_files: int | None = None,
 ) -> Iterator[ServerProcess]:
-    server = ServerProcess(database_url, data_dir, max_body_bytes=max_body_bytes)
+    server = ServerProcess(
+        database_url,
+        data_dir,
+        max_body_bytes=max_body_bytes,
+        env=env,
+        stderr=stderr,
+        open_files=open_files,
+    )
     try:
         server.start()
         yield server

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
 import os
+import subprocess
 import time
 from pathlib import Path
 
@@ -137,11 +139,113 @@ def test_lines_are_written_in_batches_and_warnings_at_once() -> None:
             time.sleep(0.05)
             seen += pending()
         assert seen.decode().splitlines() == [f"line {i}" for i in range(50)]
+        handler.interval = 3600.0  # from now on only a warning wakes the writer
+        time.sleep(0.3)  # let it start its long wait
+        handler.handle(logging.makeLogRecord({"msg": "quiet", "levelno": logging.INFO}))
         handler.handle(
             logging.makeLogRecord({"msg": "careful", "levelno": logging.WARNING, "levelname": "W"})
         )
-        assert pending() == b"careful\n"
+        seen = b""
+        deadline = time.monotonic() + 10
+        while b"careful" not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += pending()
+        assert seen == b"quiet\ncareful\n"
     finally:
         handler.close()
         handler.stream.close()
         os.close(read_fd)
+
+
+def _traffic(url: str, n: int) -> list[tuple[int, int]]:
+    """``n`` rounds of good, quarantined, unauthorised and refused deliveries: (expected, got)."""
+    answers: list[tuple[int, int]] = []
+    with httpx.Client(base_url=url, timeout=30) as http:
+        for i in range(n):
+            good = json.dumps(
+                {"type": "task_completed", "taskId": f"t-{i}", "sessionId": "s", "data": {}}
+            )
+            for expected, body, headers in (
+                (200, good, {"Authorization": TOKEN, "Content-Type": "application/json"}),
+                (200, "{not json", {"Authorization": TOKEN, "Content-Type": "application/json"}),
+                (401, good, {"Authorization": "Bearer wrong"}),
+                (413, "x" * 5000, {"Authorization": TOKEN}),
+            ):
+                got = http.post(f"/hooks/logs-{i % 3}", content=body, headers=headers)
+                answers.append((expected, got.status_code))
+    return answers
+
+
+def _all_processed(db_url: str, stored: int) -> bool:
+    from sqlalchemy import create_engine, text
+
+    engine = create_engine(db_url)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(text("SELECT status, count(*) FROM deliveries GROUP BY status"))
+            counts: dict[str, int] = dict(rows.all())
+    finally:
+        engine.dispose()
+    return sum(counts.values()) == stored and counts.get("stored", 0) == 0
+
+
+def _wait_processed(db_url: str, stored: int) -> None:
+    deadline = time.monotonic() + 60
+    while not _all_processed(db_url, stored) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert _all_processed(db_url, stored)
+
+
+def _dropped(url: str) -> float:
+    scrape = httpx.get(f"{url}/metrics").text
+    line = next(x for x in scrape.splitlines() if x.startswith("receiver_log_lines_dropped_total"))
+    return float(line.split()[-1])
+
+
+@pytest.mark.slow
+def test_a_closed_log_pipe_costs_no_delivery(db_url: str, tmp_path: Path) -> None:
+    """The log collector goes away (stderr a pipe whose reader closed): the receiver goes on."""
+    read_fd, write_fd = os.pipe()
+    try:
+        with live_server(db_url, tmp_path / "data", max_body_bytes=4096, stderr=write_fd) as server:
+            os.close(write_fd)
+            write_fd = -1
+            os.close(read_fd)  # every later write to stderr is EPIPE
+            read_fd = -1
+            answers = _traffic(server.url, 150)
+            assert [got for _, got in answers] == [expected for expected, _ in answers]
+            _wait_processed(db_url, stored=300)
+            assert _dropped(server.url) > 0
+            assert httpx.get(f"{server.url}/readyz").status_code == 200
+    finally:
+        for fd in (read_fd, write_fd):
+            if fd >= 0:
+                os.close(fd)
+
+
+@pytest.mark.slow
+def test_a_full_log_disk_costs_no_delivery(db_url: str, tmp_path: Path) -> None:
+    """stderr is a file on a 64 KiB tmpfs that fills up while deliveries flow."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    mount = tmp_path / "small"
+    mount.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], check=True)
+    try:
+        with (
+            open(mount / "stderr.log", "wb") as log,
+            live_server(
+                db_url, tmp_path / "data", max_body_bytes=4096, stderr=log.fileno()
+            ) as server,
+        ):
+            with contextlib.suppress(OSError), open(mount / "filler", "wb") as filler:
+                while True:  # the rest of the disk
+                    filler.write(b"\0" * 4096)
+                    filler.flush()
+            answers = _traffic(server.url, 150)
+            assert [got for _, got in answers] == [expected for expected, _ in answers]
+            _wait_processed(db_url, stored=300)
+            assert _dropped(server.url) > 0
+            assert httpx.get(f"{server.url}/readyz").status_code == 200
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

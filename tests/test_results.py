@@ -103,7 +103,8 @@ def test_hostile_json_keys_and_hook_names(client: TestClient, engine: Engine) ->
     doc: dict[str, Any] = {key: i for i, key in enumerate(HOSTILE)}
     doc["nested"] = {key: f"n{i}" for i, key in enumerate(HOSTILE)}
     doc[HOSTILE[0]] = [{HOSTILE[1]: 1, "": [2]}]
-    hooks = ['"; DROP TABLE tasks; --', "🔥" * 100, "a-b", "a_b", "deliveries", "tasks"]
+    # The worst names the hook-name pattern lets in (others are 404: test_hooknames.py).
+    hooks = ["DROP.TABLE-tasks", "x" * 64, "a-b", "a_b", "a.b", "deliveries", "tasks"]
     for hook in hooks:
         row = deliver(client, engine, hook, json.dumps(doc).encode())
         assert row.status == "processed", row.reason
