@@ -75,7 +75,7 @@ def test_a_batch_quarantines_one_and_processes_the_rest(engine: Engine) -> None:
     assert reason is not None
     assert reason.startswith("invalid JSON")
     with engine.connect() as conn:
-        assert sorted(conn.scalars(select(Task.task_id))) == ["t2", "task_xyz789"]
+        assert sorted(conn.scalars(select(Task.task_id)).all(), key=str) == ["t2", "task_xyz789"]
 
 
 def test_reprocessing_a_batch_changes_nothing(engine: Engine) -> None:
