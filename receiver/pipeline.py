@@ -21,11 +21,12 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, bindparam, delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
+from receiver.attachments import file_rows, network_rows
 from receiver.classify import Envelope, Kind, OutputType, classify
 from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
 from receiver.ledger import RawDelivery
-from receiver.models import Delivery, Hook, Output
+from receiver.models import Delivery, Hook, Output, TaskFile, TaskNetwork
 from receiver.results import HeldInserts, delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
 from receiver.tasks import delete_events, event_row, task_ids, write_events
@@ -208,6 +209,8 @@ class _Writes:
 
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
+        self.files: list[dict[str, Any]] = []
+        self.network: list[dict[str, Any]] = []
         self.outputs: list[dict[str, Any]] = []
         self.results = HeldInserts()
         self.processed: list[dict[str, Any]] = []
@@ -215,12 +218,19 @@ class _Writes:
     def flush(self, conn: Connection) -> None:
         if self.events:
             write_events(conn, self.events)
+            key_of = {e["delivery_id"]: e["task_key"] for e in self.events}
+            for model, rows in ((TaskFile, self.files), (TaskNetwork, self.network)):
+                if rows:
+                    conn.execute(
+                        insert(model), [r | {"task_key": key_of[r["delivery_id"]]} for r in rows]
+                    )
         if self.outputs:
             conn.execute(insert(Output), self.outputs)
         self.results.flush(conn)
         if self.processed:
             conn.execute(_MARK_PROCESSED, self.processed)
-        self.events, self.outputs, self.processed = [], [], []
+        self.events, self.files, self.network = [], [], []
+        self.outputs, self.processed = [], []
 
 
 def _failure(exc: BaseException, delivery_id: str, dialect: str) -> str:
@@ -300,7 +310,10 @@ def _quarantine_output(
             received_at=delivery.received_at,
         )
         if event is not None:
-            write_events(conn, [event])
+            writes = _Writes()
+            writes.events.append(event)
+            _attachments(envelope, delivery, writes)
+            writes.flush(conn)
         session_id, task_id = task_ids(envelope, json.loads(delivery.labels))
         conn.execute(
             update(Delivery)
@@ -341,8 +354,18 @@ def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
     """
     lock_hook(conn, hook)
     delete_events(conn, delivery_id)
-    conn.execute(delete(Output).where(Output.delivery_id == delivery_id))
+    for model in (Output, TaskFile, TaskNetwork):
+        conn.execute(delete(model).where(model.delivery_id == delivery_id))
     delete_results(conn, delivery_id, hook)
+
+
+def _attachments(envelope: Envelope, delivery: Row[Any], writes: _Writes) -> None:
+    """A task record's ``data.files`` and ``data.network`` as rows of their own tables."""
+    where = {"delivery_id": delivery.id, "received_at": delivery.received_at}
+    if "files" in envelope.extra:
+        writes.files += file_rows(envelope.extra["files"], **where)
+    if "network" in envelope.extra:
+        writes.network += network_rows(envelope.extra["network"], **where)
 
 
 def _replace_derived(
@@ -367,6 +390,7 @@ def _replace_derived(
     )
     if event is not None:
         writes.events.append(event)
+        _attachments(envelope, delivery, writes)
     session_id, task_id = task_ids(envelope, labels)
     output = envelope.output
     if output is not None:

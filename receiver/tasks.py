@@ -23,7 +23,7 @@ from receiver.classify import Envelope, Kind
 from receiver.db import insert_for
 from receiver.lifecycle import fold
 from receiver.lifecycle import task_key as lifecycle_key
-from receiver.models import Task, TaskEvent
+from receiver.models import Task, TaskEvent, TaskFile, TaskNetwork
 
 #: Columns a later delivery may fill in but never blank out.
 MERGED = (
@@ -150,7 +150,8 @@ def write_events(conn: Connection, events: Sequence[dict[str, Any]]) -> None:
         conn.execute(
             update(Task).where(Task.task_key == old).values(task_key=new, session_id=session_id)
         )
-        conn.execute(update(TaskEvent).where(TaskEvent.task_key == old).values(task_key=new))
+        for model in (TaskEvent, TaskFile, TaskNetwork):
+            conn.execute(update(model).where(model.task_key == old).values(task_key=new))
     ids = [e["delivery_id"] for e in events]
     conn.execute(delete(TaskEvent).where(TaskEvent.delivery_id.in_(ids)))
     conn.execute(insert(TaskEvent), list(events))
