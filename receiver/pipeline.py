@@ -38,6 +38,8 @@ log = logging.getLogger("receiver.pipeline")
 YIELD_POLL_SECONDS = 0.05
 #: Bodies of committed deliveries kept in memory until processed (`Pipeline.submit_committed`).
 HELD_BYTES = 64 * 2**20
+#: A body this big is processed in a transaction of its own (`Pipeline._chunk`).
+BIG_BODY_BYTES = 16 * 2**10
 
 
 @dataclass(frozen=True)
@@ -553,6 +555,17 @@ class Pipeline(QueueWorker[str]):
             time.sleep(YIELD_POLL_SECONDS)
         return True
 
+    def _chunk(self, ids: list[str], size: int) -> tuple[list[str], list[str]]:
+        """The next ``size`` ids, but a big body alone: its transaction holds the write
+        lock (SQLite: the ledger's too) for long enough without the others' rows."""
+        with self._lock:
+            big = [len(self._bodies.get(i, b"")) >= BIG_BODY_BYTES for i in ids[:size]]
+        if big[0]:
+            return ids[:1], ids[1:]
+        if any(big):
+            size = big.index(True)
+        return ids[:size], ids[size:]
+
     def _process(self, ids: list[str]) -> dict[str, str]:
         try:
             outcomes = process_deliveries(
@@ -574,7 +587,7 @@ class Pipeline(QueueWorker[str]):
                 while ids:
                     # Under load, small transactions: the write lock is the ledger's too.
                     size = self.busy_batch_size if self._yield_to_ingest() else self.batch_size
-                    chunk, ids = ids[:size], ids[size:]
+                    chunk, ids = self._chunk(ids, size)
                     outcomes = self._process(chunk)
                     if self.on_processed is not None:
                         for delivery_id in chunk:
