@@ -122,7 +122,15 @@ from receiver.destinations import (
     relative,
 )
 from receiver.errors import ReceiverError
-from receiver.models import Delivery, ResultColumn, ResultTable, Task
+from receiver.models import (
+    Delivery,
+    ResultColumn,
+    ResultTable,
+    Task,
+    TaskEvent,
+    TaskFile,
+    TaskNetwork,
+)
 from receiver.partitions import PartitionWriter
 from receiver.readers import (
     SQLITE_PLACEHOLDERS,
@@ -258,6 +266,11 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
     ]
     out = [
         Dataset("tasks", Task.__table__, "first_seen_at", "rewrite"),  # type: ignore[arg-type]
+        # A task's timeline and its record's files and visited URLs, by delivery time.
+        *(
+            Dataset(m.__tablename__, m.__table__, "received_at", "append")  # type: ignore[arg-type]
+            for m in (TaskEvent, TaskFile, TaskNetwork)
+        ),
         Dataset(
             "deliveries",
             Table("deliveries", MetaData(), *delivery_columns),

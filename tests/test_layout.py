@@ -9,7 +9,17 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Modules that decide (classification, flattening, CSV typing, identifiers): plain Python.
-PURE = ("receiver.classify", "receiver.rows", "receiver.csvparse", "receiver.columns")
+PURE = (
+    "receiver.classify",
+    "receiver.rows",
+    "receiver.csvparse",
+    "receiver.columns",
+    "receiver.lifecycle",
+    "receiver.attachments",
+    "receiver.bounds",
+    "receiver.nesting",
+    "receiver.redaction",
+)
 HEAVY = ("sqlalchemy", "starlette", "psycopg", "pyarrow", "pandas")
 
 
