@@ -26,10 +26,11 @@ from receiver.classify import Envelope, Kind, OutputType, classify
 from receiver.db import utcnow, write_transaction
 from receiver.encodings import decode_body
 from receiver.errors import Quarantine
+from receiver.inserts import HeldInserts
 from receiver.ledger import RawDelivery
 from receiver.memory import closes_after
 from receiver.models import Delivery, Hook, Output, TaskFile, TaskNetwork
-from receiver.results import HeldInserts, delete_results, load_results
+from receiver.results import delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
 from receiver.settings import DEFAULT_MAX_BODY_BYTES
 from receiver.tasks import delete_events, event_row, task_ids, write_events

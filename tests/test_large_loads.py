@@ -15,13 +15,13 @@ import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
-from receiver import csvparse, results
+from receiver import csvparse, inserts, pgcopy, results
 from receiver.columns import ColumnType
 from receiver.models import ResultColumn, ResultTable
 from receiver.schema import result_table
 from tests.readback import deliver
 
-COPY = results.COPY_THRESHOLD
+COPY = inserts.COPY_THRESHOLD
 #: PostgreSQL loads big batches through COPY and small ones through executemany: test both.
 BOTH_LOAD_PATHS = pytest.mark.parametrize(
     "copy_threshold",
@@ -105,21 +105,21 @@ def retyped_csv(rows: int) -> bytes:
 def test_arrow_csv_stores_what_the_stdlib_path_stores(
     client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch, copy_threshold: int
 ) -> None:
-    monkeypatch.setattr(results, "COPY_THRESHOLD", copy_threshold)
-    monkeypatch.setattr(results, "_COPY_CHUNK", 1000)  # several chunks per COPY
+    monkeypatch.setattr(inserts, "COPY_THRESHOLD", copy_threshold)
+    monkeypatch.setattr(pgcopy, "_COPY_CHUNK", 1000)  # several chunks per COPY
     bodies = [regular_csv(3000), regular_csv(2500, shift=10**6), retyped_csv(2000)]
     for body in bodies:
         assert len(body) >= csvparse.ARROW_MIN_CHARS
         assert not isinstance(csvparse.parse_csv_columns(body.decode()).values[0], list)
     payloads: list[bool] = []
-    binary_rows = results._binary_rows
+    binary_rows = pgcopy._binary_rows
 
     def spy(*args: Any) -> Any:
         payload = binary_rows(*args)
         payloads.append(payload is not None)
         return payload
 
-    monkeypatch.setattr(results, "_binary_rows", spy)
+    monkeypatch.setattr(pgcopy, "_binary_rows", spy)
     for hook in ("arrow", "stdlib"):
         if hook == "stdlib":
             monkeypatch.setattr(csvparse, "ARROW_MIN_CHARS", 10**12)
@@ -157,7 +157,7 @@ def flat_records_json(items: int) -> bytes:
 def test_flat_records_store_what_flatten_stores(
     client: TestClient, engine: Engine, monkeypatch: pytest.MonkeyPatch, copy_threshold: int
 ) -> None:
-    monkeypatch.setattr(results, "COPY_THRESHOLD", copy_threshold)
+    monkeypatch.setattr(inserts, "COPY_THRESHOLD", copy_threshold)
     uniform = json.dumps([{"u": i, "v": f"v{i}", "w": i / 7} for i in range(3000)]).encode()
     # A JSON column from a depth cut, then plain strings under the same key: variants.
     deep = json.dumps([{"a": {"b": {"c": {"d": {"e": {"f": 1}}}}}}]).encode()
@@ -202,18 +202,18 @@ def test_copy_goes_row_by_row_from_the_chunk_arrow_cannot_encode(
 ) -> None:
     """PostgreSQL: chunks 0-5 are Arrow-built, then psycopg takes over mid-COPY and ends the
     stream. SQLite (multi-row INSERTs) must store the same batch just as well."""
-    monkeypatch.setattr(results, "_COPY_CHUNK", 100)
+    monkeypatch.setattr(pgcopy, "_COPY_CHUNK", 100)
     count = 1250
     table = result_table("results__chunks", (("n", ColumnType.INTEGER), ("s", ColumnType.TEXT)))
     texts: list[str | None] = [f"s{i}" if i % 3 else None for i in range(count)]
     texts[640] = Label("odd one")
     with engine.begin() as conn:
         table.create(conn)
-        columns: dict[str, results.Values] = {
+        columns: dict[str, inserts.Values] = {
             "n": pa.array(range(count), pa.int64()),
             "s": texts,
             "_row_index": range(count),
         }
-        results.insert_columns(conn, table, count, columns, {"_delivery_id": "d"})
+        inserts.insert_columns(conn, table, count, columns, {"_delivery_id": "d"})
         got = conn.exec_driver_sql("SELECT _row_index, n, s FROM results__chunks ORDER BY 1").all()
     assert [tuple(r) for r in got] == [(i, i, texts[i]) for i in range(count)]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from sqlalchemy import Engine, func, inspect, select, text
 from starlette.testclient import TestClient
 
-from receiver import results
+from receiver import inserts
 from receiver.app import create_app
 from receiver.columns import INT64_MAX, INT64_MIN, ColumnType
 from receiver.csvparse import parse_csv, render_cell
@@ -312,8 +312,8 @@ def test_copy_stores_what_executemany_stores(
 ) -> None:
     payloads = [(big_csv(5000), "text/csv"), (big_json(1500), "application/json")]
     contents: dict[str, list[list[dict[str, Any]]]] = {"copy": [], "executemany": []}
-    for mode, threshold in (("copy", results.COPY_THRESHOLD), ("executemany", 10**9)):
-        monkeypatch.setattr(results, "COPY_THRESHOLD", threshold)
+    for mode, threshold in (("copy", inserts.COPY_THRESHOLD), ("executemany", 10**9)):
+        monkeypatch.setattr(inserts, "COPY_THRESHOLD", threshold)
         for n, (body, content_type) in enumerate(payloads):
             hook = f"{mode}-{n}"
             assert deliver(client, engine, hook, body, content_type).status == "processed"
@@ -432,7 +432,7 @@ def test_bulk_insert_stores_what_sqlalchemy_stores(
                         if n in ARROW_TYPES
                     }
                     columns["_row_index"] = range(count)
-                results.insert_columns(conn, table, count, columns, system)
+                inserts.insert_columns(conn, table, count, columns, system)
             stored[mode] = stored_exactly(conn, table)
     assert stored["bulk"] == stored["core"]
     assert len(stored["bulk"]) == count
