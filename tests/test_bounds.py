@@ -117,10 +117,10 @@ def test_huge_values_on_the_database_quarantine_or_sum_and_costs_answers(
     assert json.loads(result.output)[0]["input_tokens"] == 3 * bounds.MAX_TOKENS
 
 
+# PostgreSQL only: SQLite's sums are 64-bit, and the bounds keep them within (the test above).
+@pytest.mark.parametrize("db_url", ["postgresql"], indirect=True)
 def test_postgresql_sums_past_64_bits_stay_exact(engine: Engine) -> None:
     """Migration 0008: even tasks written past the bounds (an analyst's load) sum exactly."""
-    if engine.dialect.name != "postgresql":
-        pytest.skip("SQLite's sums are 64-bit; the bounds keep them within (the test above)")
     seen = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
     with engine.begin() as conn:
         for i in range(3):
