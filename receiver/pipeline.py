@@ -21,6 +21,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Row, bindparam, delete, insert, select, update
 
 from receiver.classify import Envelope, OutputType, classify
+from receiver.correlation import correlate
 from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
 from receiver.ledger import RawDelivery
@@ -208,6 +209,8 @@ class _Writes:
         self.outputs: list[dict[str, Any]] = []
         self.results = HeldInserts()
         self.processed: list[dict[str, Any]] = []
+        #: (hook, session_id, task_id) of the outputs held: one output per task.
+        self.task_outputs: set[tuple[str, str | None, str]] = set()
 
     def flush(self, conn: Connection) -> None:
         if self.tasks:
@@ -218,6 +221,7 @@ class _Writes:
         if self.processed:
             conn.execute(_MARK_PROCESSED, self.processed)
         self.tasks, self.outputs, self.processed = [], [], []
+        self.task_outputs = set()
 
 
 def _failure(exc: BaseException) -> str:
@@ -279,6 +283,34 @@ def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
     delete_results(conn, delivery_id, hook)
 
 
+def _replace_task_output(
+    conn: Connection, delivery: Row[Any], session_id: str | None, task_id: str, writes: _Writes
+) -> None:
+    """A task has one output: one from another delivery (a webhook, then the same result
+    fetched by the reconciler) is removed, so the task's result rows are replaced, not doubled.
+
+    Two deliveries of one task in a batch written without savepoints would both
+    be held: the batch is redone one delivery at a time (`_Isolate`).
+    """
+    key = (delivery.hook, session_id, task_id)
+    if key in writes.task_outputs:
+        raise _Isolate
+    writes.task_outputs.add(key)
+    same_session = (
+        Output.session_id.is_(None) if session_id is None else Output.session_id == session_id
+    )
+    others = conn.scalars(
+        select(Output.delivery_id).where(
+            Output.task_id == task_id,
+            same_session,
+            Output.hook == delivery.hook,
+            Output.delivery_id != delivery.id,
+        )
+    ).all()
+    for other in others:
+        delete_derived(conn, other, delivery.hook)
+
+
 def _replace_derived(
     conn: Connection,
     delivery: Row[Any],
@@ -291,7 +323,7 @@ def _replace_derived(
     """Derive what ``delivery`` gives into ``writes``; only a rerun's deletes go at once."""
     if rerun:
         delete_derived(conn, delivery.id, delivery.hook)
-    labels: dict[str, str] = json.loads(delivery.labels)
+    labels = correlate(conn, json.loads(delivery.labels))
     task = task_row(
         envelope,
         hook=delivery.hook,
@@ -306,6 +338,8 @@ def _replace_derived(
     if output is not None:
         if "\x00" in output.text and conn.dialect.name == "postgresql":
             raise Quarantine("the output contains NUL, which PostgreSQL text cannot hold")
+        if task_id is not None:
+            _replace_task_output(conn, delivery, session_id, task_id, writes)
         writes.outputs.append(
             {
                 "delivery_id": delivery.id,
