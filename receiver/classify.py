@@ -29,6 +29,22 @@ class Kind(StrEnum):
     JUST_PING = "just_ping"
     FAILURE = "failure"
     GUARDRAIL = "guardrail"
+    #: A task still under way: ``status: "pending"`` / ``"active"`` / ``"running"``.
+    RUNNING = "running"
+
+
+class TaskStatus(StrEnum):
+    """A task's lifecycle: pending/running -> guardrail (repeatable) -> completed | failed."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    GUARDRAIL = "guardrail"
+    COMPLETED = "completed"
+    FAILED = "failed"
+
+    @property
+    def final(self) -> bool:
+        return self in (TaskStatus.COMPLETED, TaskStatus.FAILED)
 
 
 class OutputType(StrEnum):
@@ -59,7 +75,7 @@ class Output:
 @dataclass(frozen=True)
 class Envelope:
     kind: Kind
-    status: str | None = None
+    status: TaskStatus | None = None
     session_id: str | None = None
     task_id: str | None = None
     usage: Usage = field(default_factory=Usage)
@@ -130,28 +146,88 @@ def _refuse_lone_surrogates(text: str, value: JsonValue) -> None:
 
 
 def _classify_json(value: JsonValue, text: str, expected: OutputType | None) -> Envelope:
-    if isinstance(value, dict) and _is_task_record(value):
+    if is_task_record(value):
+        assert isinstance(value, dict)
         return _task_record(value, expected)
     if isinstance(value, str):
         return Envelope(Kind.AI_RESPONSE, output=_text_output(value, expected, False))
     return Envelope(Kind.AI_RESPONSE, output=_json_output(value, text))
 
 
-_MARKERS = {"task_completed", "guardrail_trigger", "task_failed"}
+#: ``type`` / ``event`` values that mark a WebRun task record.
+_MARKERS = {"task_completed", "guardrail_trigger", "task_failed", "error", "task_error"}
+_ERROR_MARKERS = {"error", "task_error"}
+#: ``status`` values of a WebRun task record, and the lifecycle status each means.
+_STATUSES = {
+    "complete": TaskStatus.COMPLETED,
+    "completed": TaskStatus.COMPLETED,
+    "failed": TaskStatus.FAILED,
+    "pending": TaskStatus.PENDING,
+    "active": TaskStatus.RUNNING,
+    "running": TaskStatus.RUNNING,
+}
+#: Every top-level field a WebRun task record (webhook, run-task, poll answer, WebSocket
+#: event) is documented with. An object with any other key is an output, not a record.
+_RECORD_FIELDS = {
+    "success",
+    "type",
+    "event",
+    "sessionId",
+    "taskId",
+    "status",
+    "pending",
+    "pollUrl",
+    "message",
+    "result",
+    "data",
+    "usage",
+    "completedAt",
+    "completed_at",
+    "error",
+    "code",
+    "errorCode",
+}
+#: Fields that, beside a ``status``, only a record has (an output may well say ``status``).
+_RECORD_SIGNS = ("success", "pending", "pollUrl", "usage", "result", "sessionId", "taskId")
 
 
-def _is_task_record(d: Mapping[str, JsonValue]) -> bool:
-    """A WebRun task record has ids and a marker; a bare output object has neither."""
-    result = d.get("result")
+def is_task_record(value: object) -> bool:
+    """Whether a parsed JSON body is a WebRun task record, by its shape alone.
+
+    Completed, failed, guardrail, pending/active/running answers and error events
+    are records whether or not they carry ids (poll answers never do), flat or
+    wrapped under ``result``. An object with a key no record has is an output, and
+    a ``status`` alone does not make a record: it needs a field only records have.
+    Pure, so reconciliation can ask it of a poll answer.
+    """
+    if not isinstance(value, dict) or not value or not set(value) <= _RECORD_FIELDS:
+        return False
+    for name in ("data", "usage", "result"):
+        if name in value and not isinstance(value[name], dict | None):
+            return False
+    result = value.get("result")
     inner = result if isinstance(result, dict) else {}
-    has_ids = any(isinstance(d.get(k), str) for k in ("taskId", "sessionId"))
-    marked = (
-        d.get("type") in _MARKERS
-        or d.get("event") in _MARKERS
-        or inner.get("type") in _MARKERS
-        or d.get("status") in {"failed", "complete", "completed"}
-    )
-    return has_ids and marked
+    marker = _marker(value) or _marker(inner)
+    if marker in _ERROR_MARKERS:
+        # ``{"type": "error", "message": ...}`` may as well be an output: an error event
+        # must also carry something only a record has.
+        return any(k in value for k in (*_RECORD_SIGNS, "error", "code", "errorCode"))
+    if marker is not None:
+        return True
+    status = value.get("status")
+    if isinstance(status, str) and status.lower() in _STATUSES:
+        return any(isinstance(value.get(k), bool | str | dict) for k in _RECORD_SIGNS)
+    # The failure shape without a status: {"success": false, "error": "...", "usage": {...}}.
+    return value.get("success") is False and "error" in value and "usage" in value
+
+
+def _marker(d: Mapping[str, JsonValue]) -> str | None:
+    """The record's ``type`` or ``event`` marker, lower-cased, if it has one."""
+    for name in ("type", "event"):
+        marker = d.get(name)
+        if isinstance(marker, str) and marker.lower() in _MARKERS:
+            return marker.lower()
+    return None
 
 
 def _task_record(outer: dict[str, JsonValue], expected: OutputType | None) -> Envelope:
@@ -160,7 +236,9 @@ def _task_record(outer: dict[str, JsonValue], expected: OutputType | None) -> En
     merged: dict[str, JsonValue] = {**outer, **inner}
     data = _obj(merged.get("data"))
     usage = _obj(inner.get("usage")) or _obj(outer.get("usage")) or _obj(data.get("usage"))
-    marker = merged.get("type") if "type" in merged else merged.get("event")
+    marker = _marker(inner) or _marker(outer)
+    raw_status = merged.get("status")
+    status = _STATUSES.get(raw_status.lower()) if isinstance(raw_status, str) else None
     extra: dict[str, JsonValue] = {k: data[k] for k in ("files", "network") if k in data}
 
     completed_at = None
@@ -180,22 +258,31 @@ def _task_record(outer: dict[str, JsonValue], expected: OutputType | None) -> En
     if marker == "guardrail_trigger":
         return Envelope(
             Kind.GUARDRAIL,
-            status="guardrail",
+            status=TaskStatus.GUARDRAIL,
             guardrail_type=_opt_str(data.get("type")),
             guardrail_value=_opt_text(data.get("value")),
             **common,
         )
-    failed = merged.get("status") == "failed" or marker == "task_failed"
+    failed = status is TaskStatus.FAILED or marker in ("task_failed", *_ERROR_MARKERS)
     if failed or (merged.get("success") is False and "error" in merged):
+        error = merged.get("error")
+        if error is None and marker is not None:  # an error event says it in `message`
+            error = merged.get("message")
         return Envelope(
             Kind.FAILURE,
-            status="failed",
-            error=_opt_text(merged.get("error")),
+            status=TaskStatus.FAILED,
+            error=_opt_text(error),
             error_code=_opt_str(merged.get("code", merged.get("errorCode"))),
             **common,
         )
+    if status in (TaskStatus.PENDING, TaskStatus.RUNNING) and marker is None:
+        # Still under way: its usage is "so far", and its `message` is an instruction
+        # ("poll for the result"), not the agent's output.
+        if isinstance(merged.get("pollUrl"), str):
+            extra["pollUrl"] = merged["pollUrl"]
+        return Envelope(Kind.RUNNING, status=status, **common)
     if not data and not usage and not inner:
-        return Envelope(Kind.JUST_PING, status="completed", **common)
+        return Envelope(Kind.JUST_PING, status=TaskStatus.COMPLETED, **common)
     output = None
     if "message" in data:
         message = data["message"]
@@ -203,7 +290,7 @@ def _task_record(outer: dict[str, JsonValue], expected: OutputType | None) -> En
             output = _text_output(message, expected, False, json_allowed=True)
         elif message is not None:
             output = _json_output(message)
-    return Envelope(Kind.FULL_RESPONSE, status="completed", output=output, **common)
+    return Envelope(Kind.FULL_RESPONSE, status=TaskStatus.COMPLETED, output=output, **common)
 
 
 def _text_output(

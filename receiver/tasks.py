@@ -40,12 +40,16 @@ MERGED = (
 
 
 def task_ids(envelope: Envelope, labels: Mapping[str, str]) -> tuple[str | None, str | None]:
-    """The body's ids, else the URL's ``session_id``/``task_id`` labels (for ``ai_response``)."""
-    if envelope.task_id is not None:
-        return envelope.session_id, envelope.task_id
-    task_id = labels.get("task_id") or labels.get("taskId") or None
-    session_id = labels.get("session_id") or labels.get("sessionId") or None
-    return (session_id, task_id) if task_id else (None, None)
+    """Each id from the body, else from the URL's ``session_id``/``task_id`` labels.
+
+    Poll answers and ``ai_response`` bodies carry no ids; the client may have put
+    them (or ids of its own) in the webhook URL. No task id: ``(None, None)``.
+    """
+    task_id = envelope.task_id or labels.get("task_id") or labels.get("taskId") or None
+    if task_id is None:
+        return None, None
+    session_id = envelope.session_id or labels.get("session_id") or labels.get("sessionId") or None
+    return session_id, task_id
 
 
 def task_key(session_id: str | None, task_id: str) -> str:

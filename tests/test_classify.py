@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from receiver.classify import Kind, OutputType, classify, parse_time
+from receiver.classify import Kind, OutputType, TaskStatus, classify, is_task_record, parse_time
 from receiver.errors import Quarantine
 
 
@@ -77,6 +77,117 @@ def test_ping_is_not_a_full_response() -> None:
     assert env.kind is Kind.JUST_PING
     assert env.status == "completed"
     assert env.output is None
+
+
+# The record shapes of WebRun's API reference (Task, Poll and failure response fields),
+# written out from it: none of the poll answers carries an id.
+USAGE = {"inputTokens": 12450, "outputTokens": 3200, "computeTime": 5, "cost": 0.0124}
+POLL_COMPLETED = {
+    "success": True,
+    "type": "task_completed",
+    "data": {
+        "message": "Found it",
+        "prompt_tokens": 12450,
+        "completion_tokens": 3200,
+        "total_tokens": 15650,
+        "completion_time": 23.5,
+    },
+    "usage": USAGE,
+    "completedAt": "2024-01-15T10:30:00.000Z",
+}
+POLL_ACTIVE = {"success": True, "status": "active", "pending": True, "usage": USAGE}
+POLL_GUARDRAIL = {
+    "success": True,
+    "type": "guardrail_trigger",
+    "data": {"type": "human_input_needed", "value": "Please provide login credentials"},
+}
+POLL_FAILED = {
+    "success": False,
+    "status": "failed",
+    "error": "Page took too long to load",
+    "code": "NAVIGATION_TIMEOUT",
+    "usage": USAGE,
+}
+RUN_TASK_PENDING = {
+    "success": True,
+    "sessionId": "s",
+    "taskId": "t",
+    "status": "pending",
+    "pending": True,
+    "pollUrl": "https://api.example.com/task/s/t",
+    "message": "Task is still running; poll pollUrl for the result",
+}
+RUN_TASK_COMPLETE = {
+    "success": True,
+    "sessionId": "s",
+    "taskId": "t",
+    "status": "complete",
+    "result": {
+        "type": "task_completed",
+        "data": {"message": "done", "prompt_tokens": 10, "completion_tokens": 2},
+    },
+}
+ERROR_EVENT = {"type": "error", "taskId": "t", "message": "Browser crashed"}
+WRAPPED_FAILED = {"success": False, "result": {"type": "task_failed"}, "error": "boom"}
+
+SHAPES = [
+    pytest.param(POLL_COMPLETED, Kind.FULL_RESPONSE, TaskStatus.COMPLETED, id="poll-completed"),
+    pytest.param(POLL_ACTIVE, Kind.RUNNING, TaskStatus.RUNNING, id="poll-active"),
+    pytest.param(POLL_GUARDRAIL, Kind.GUARDRAIL, TaskStatus.GUARDRAIL, id="poll-guardrail"),
+    pytest.param(POLL_FAILED, Kind.FAILURE, TaskStatus.FAILED, id="poll-failed"),
+    pytest.param(RUN_TASK_PENDING, Kind.RUNNING, TaskStatus.PENDING, id="run-task-pending"),
+    pytest.param(RUN_TASK_COMPLETE, Kind.FULL_RESPONSE, TaskStatus.COMPLETED, id="wrapped"),
+    pytest.param(ERROR_EVENT, Kind.FAILURE, TaskStatus.FAILED, id="error-event"),
+    pytest.param(WRAPPED_FAILED, Kind.FAILURE, TaskStatus.FAILED, id="wrapped-failed"),
+    pytest.param(
+        {"success": True, "status": "running", "usage": {"cost": 0.1}},
+        Kind.RUNNING,
+        TaskStatus.RUNNING,
+        id="running",
+    ),
+]
+
+
+@pytest.mark.parametrize(("record", "kind", "status"), SHAPES)
+def test_task_records_are_recognised_by_shape(
+    record: dict[str, object], kind: Kind, status: TaskStatus
+) -> None:
+    assert is_task_record(record)
+    env = classify(body(record), "application/json")
+    assert (env.kind, env.status) == (kind, status)
+    if kind is not Kind.FULL_RESPONSE:
+        assert env.output is None  # a record that is not final has no output to load
+
+
+def test_id_less_records_keep_their_usage() -> None:
+    env = classify(body(POLL_FAILED), "application/json")
+    assert (env.session_id, env.task_id) == (None, None)
+    assert env.usage.cost_usd == 0.0124
+    assert (env.error, env.error_code) == ("Page took too long to load", "NAVIGATION_TIMEOUT")
+    running = classify(body(POLL_ACTIVE), "application/json")
+    assert (running.usage.input_tokens, running.usage.cost_usd) == (12450, 0.0124)
+
+
+def test_error_event_message_is_the_error() -> None:
+    assert classify(body(ERROR_EVENT), None).error == "Browser crashed"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param({"type": "task_completed", "title": "x"}, id="foreign-key"),
+        pytest.param({"status": "completed"}, id="status-alone"),
+        pytest.param({"status": "pending", "message": "soon"}, id="status-and-message"),
+        pytest.param({"type": "error", "message": "no results"}, id="error-like-output"),
+        pytest.param({"type": "task_completed", "data": [1, 2]}, id="data-not-object"),
+        pytest.param([{"type": "task_completed"}], id="list"),
+        pytest.param("task_completed", id="string"),
+        pytest.param({}, id="empty"),
+    ],
+)
+def test_outputs_are_not_task_records(value: object) -> None:
+    assert not is_task_record(value)
+    assert classify(body(value), "application/json").kind is Kind.AI_RESPONSE
 
 
 def test_output_object_with_type_key_is_not_a_task_record() -> None:
