@@ -6,6 +6,7 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -25,12 +26,18 @@ from receiver.pipeline import Pipeline
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
 
+if TYPE_CHECKING:
+    from receiver.reconcile import Reconciler
+
 
 def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
     """The receiver app. The schema must be migrated (`receiver db upgrade`; `serve` does it)."""
     engine = engine or create_db_engine(settings)
     # The spool is read at scrape time and only if there is one.
-    metrics = Metrics(spool=lambda: getattr(app.state, "spool", None))
+    metrics = Metrics(
+        spool=lambda: getattr(app.state, "spool", None),
+        reconciler=lambda: getattr(app.state, "reconciler", None),
+    )
     pipeline = Pipeline(
         engine,
         max_depth=settings.max_depth,
@@ -45,6 +52,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     ledger = Ledger(engine, on_committed=committed)
     spool = Spool(settings.data_dir / "spool")
     drainer = SpoolDrainer(spool, engine, on_committed=committed)
+    # Only with RECEIVER_WEBRUN_URL set: otherwise no outbound call at all.
+    reconciler = reconciler_for(settings, engine, ledger, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -53,10 +62,15 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         ledger.start()
         pipeline.submit_unprocessed()
         drainer.start()  # deliveries spooled before a crash or restart go in first
+        if reconciler is not None:
+            reconciler.start()
         try:
             yield
         finally:
             # uvicorn has let in-flight requests finish; commit what is queued, then process it.
+            if reconciler is not None:
+                reconciler.stop()
+                reconciler.client.close()
             drainer.stop()
             ledger.stop()
             pipeline.stop()
@@ -89,11 +103,32 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.metrics = metrics
     app.state.spool = spool
     app.state.spool_drainer = drainer
+    app.state.reconciler = reconciler
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
     app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
     app.state.deadlines = Deadlines()
     app.state.authenticator = Authenticator(engine, settings.tokens, settings.auth_cache_seconds)
     return app
+
+
+def reconciler_for(
+    settings: Settings, engine: Engine, ledger: Ledger, metrics: Metrics | None = None
+) -> Reconciler | None:
+    """The reconciler `serve` runs beside ingest, or None when RECEIVER_WEBRUN_URL is unset."""
+    if settings.webrun_url is None:
+        return None
+    from receiver.reconcile import Reconciler
+    from receiver.webrun import WebRunClient
+
+    client = WebRunClient(
+        settings.webrun_url,
+        settings.webrun_api_key,
+        timeout=settings.webrun_timeout_seconds,
+        concurrency=settings.webrun_concurrency,
+        rate=settings.webrun_rate,
+    )
+    on_call = metrics.reconcile_call if metrics is not None else None
+    return Reconciler(engine, settings, client, ledger.record_sync, on_call=on_call)
 
 
 def observed(
