@@ -169,6 +169,8 @@ class FakeWebRun:
     #: Statuses the next polls answer, in order (429 and 503 carry ``Retry-After``).
     poll_failures: collections.deque[int] = field(default_factory=collections.deque)
     retry_after: float = 1.0
+    #: Seconds each poll takes to answer (to see how many a client has in flight).
+    poll_delay: float = 0.0
     tasks: dict[str, FakeTask] = field(default_factory=dict)
     #: Every request answered: (method, route, status).
     requests: list[tuple[str, str, int]] = field(default_factory=list)
@@ -180,6 +182,8 @@ class FakeWebRun:
         self._lock = threading.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self.url = ""
+        self.polls_in_flight = 0
+        self.peak_polls_in_flight = 0
 
     @property
     def app(self) -> Starlette:
@@ -236,7 +240,8 @@ class FakeWebRun:
         spawned.add_done_callback(self._background.discard)
         ids = {"success": True, "sessionId": task.session_id, "taskId": task.task_id}
         if task.ends - now <= self.wait_seconds:
-            await asyncio.sleep(task.ends - now)
+            # The worst case for the client: the webhook is sent before this answer.
+            await asyncio.shield(spawned)
             final = task.final_record()
             result = {k: v for k, v in final.items() if k != "success"}
             return self._answer(route, 200, {**ids, "status": "complete", "result": result})
@@ -299,6 +304,16 @@ class FakeWebRun:
             task.webhook = f"refused {type(exc).__name__}"
 
     async def _poll(self, request: Request) -> Response:
+        self.polls_in_flight += 1
+        self.peak_polls_in_flight = max(self.peak_polls_in_flight, self.polls_in_flight)
+        try:
+            if self.poll_delay:
+                await asyncio.sleep(self.poll_delay)
+            return self._poll_answer(request)
+        finally:
+            self.polls_in_flight -= 1
+
+    def _poll_answer(self, request: Request) -> Response:
         route = "GET task"
         if not self._authorised(request):
             return self._answer(route, 401, {"success": False, "message": "Invalid API key"})

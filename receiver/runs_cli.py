@@ -1,6 +1,8 @@
 """``receiver run``, ``receiver runs ...`` and ``receiver reconcile``: thin over `runs`/`reconcile`.
 
-Registered on the main group by `receiver.cli`; each docstring is the command's ``--help``.
+Registered on the main group by `receiver.cli`, whose helpers it imports when a command
+runs (`receiver.cli` imports this module, so not before). Each docstring is the
+command's ``--help``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from receiver.cli import _engine, _print_table, _settings
 from receiver.errors import WebRunError
 
 if TYPE_CHECKING:
@@ -27,6 +28,24 @@ if TYPE_CHECKING:
 SUBMITTED_DATA = ("full_response", "ai_response", "just_ping")
 
 _COLUMNS = ["run", "hook", "state", "session", "task", "created", "attempts", "last error"]
+
+
+def _engine(ctx: click.Context) -> Engine:
+    from receiver.cli import _engine as engine_of
+
+    return engine_of(ctx)
+
+
+def _settings(ctx: click.Context) -> Settings:
+    from receiver.cli import _settings as settings_of
+
+    return settings_of(ctx)
+
+
+def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
+    from receiver.cli import _print_table as print_table
+
+    print_table(title, columns, rows)
 
 
 def _row(run: RunInfo) -> list[Any]:

@@ -152,7 +152,9 @@ class WebRunClient:
         self._slots = threading.BoundedSemaphore(max(1, concurrency))
         rate_limit = max(1, round(rate)) if rate >= 1 else 1
         self.polls = Window(rate_limit, 1.0 if rate >= 1 else 1.0 / rate, sleep=sleep)
-        self.creations = Window(*creations, sleep=sleep)
+        # A margin: WebRun counts a creation when it arrives, we when we send it.
+        limit, seconds = creations
+        self.creations = Window(limit, seconds * 1.02 + 0.1, sleep=sleep)
         self._sleep = sleep
 
     def close(self) -> None:
