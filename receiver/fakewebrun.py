@@ -174,6 +174,8 @@ class FakeWebRun:
     tasks: dict[str, FakeTask] = field(default_factory=dict)
     #: Every request answered: (method, route, status).
     requests: list[tuple[str, str, int]] = field(default_factory=list)
+    #: The exact bytes of every poll answered 200.
+    polled: list[bytes] = field(default_factory=list)
     #: Every webhook body sent (or tried), with its Authorization header.
     webhooks: list[tuple[str, str, bytes]] = field(default_factory=list)
 
@@ -325,9 +327,12 @@ class FakeWebRun:
             return self._answer(route, 404, {"success": False, "message": "Task not found"})
         now = time.monotonic()
         if now < task.ends:
-            return self._answer(route, 200, task.running_record(now))
-        final = task.final_record()
-        return self._answer(route, 200, final)
+            response = self._answer(route, 200, task.running_record(now))
+            self.polled.append(bytes(response.body))
+            return response
+        response = self._answer(route, 200, task.final_record())
+        self.polled.append(bytes(response.body))
+        return response
 
     @contextlib.contextmanager
     def serve(self, port: int = 0) -> Iterator[FakeWebRun]:

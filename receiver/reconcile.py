@@ -318,9 +318,12 @@ class Reconciler:
 
     def take_snapshot(self, now: dt.datetime) -> Snapshot:
         with self.engine.connect() as conn:
-            by_state = dict(
-                conn.execute(select(Run.state, func.count()).group_by(Run.state)).tuples().all()
-            )
+            by_state = {
+                state: count
+                for state, count in conn.execute(
+                    select(Run.state, func.count()).group_by(Run.state)
+                )
+            }
             oldest = conn.scalar(
                 select(func.min(Run.expected_by)).where(
                     Run.state == RunState.LAUNCHED, Run.expected_by < now
