@@ -36,9 +36,17 @@ class ServerProcess:
     """``python -m receiver serve`` as a child process."""
 
     def __init__(
-        self, database_url: str, data_dir: Path, *, max_body_bytes: int | None = None
+        self,
+        database_url: str,
+        data_dir: Path,
+        *,
+        max_body_bytes: int | None = None,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
     ) -> None:
-        self.port = free_port()
+        #: A port kept across restarts (a URL WebRun was given), else a free one each start.
+        self.fixed_port = port
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir / f"server-{self.port}.log"
@@ -47,6 +55,7 @@ class ServerProcess:
             "RECEIVER_DATABASE_URL": database_url,
             "RECEIVER_TOKEN": TOKEN,
             "RECEIVER_DATA_DIR": str(data_dir),
+            **(env or {}),
         }
         if max_body_bytes is not None:
             self.env["RECEIVER_MAX_BODY_BYTES"] = str(max_body_bytes)
@@ -54,7 +63,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()  # a restart may not get the old port back at once
+        self.port = self.fixed_port or free_port()  # a restart may not get the old port back
         self.url = f"http://127.0.0.1:{self.port}"
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
