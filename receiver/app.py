@@ -120,14 +120,8 @@ def reconciler_for(
     from receiver.reconcile import Reconciler
     from receiver.webrun import WebRunClient
 
-    client = WebRunClient(
-        settings.webrun_url,
-        settings.webrun_api_key,
-        timeout=settings.webrun_timeout_seconds,
-        concurrency=settings.webrun_concurrency,
-        rate=settings.webrun_rate,
-    )
     on_call = metrics.reconcile_call if metrics is not None else None
+    client = WebRunClient.from_settings(settings)
     return Reconciler(engine, settings, client, ledger.record_sync, on_call=on_call)
 
 

@@ -15,11 +15,12 @@ so a WebRun outage never holds up ingest.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import logging
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -318,12 +319,8 @@ class Reconciler:
 
     def take_snapshot(self, now: dt.datetime) -> Snapshot:
         with self.engine.connect() as conn:
-            by_state = {
-                state: count
-                for state, count in conn.execute(
-                    select(Run.state, func.count()).group_by(Run.state)
-                )
-            }
+            counted = conn.execute(select(Run.state, func.count()).group_by(Run.state))
+            by_state = {str(row[0]): int(row[1]) for row in counted}
             oldest = conn.scalar(
                 select(func.min(Run.expected_by)).where(
                     Run.state == RunState.LAUNCHED, Run.expected_by < now
@@ -332,4 +329,46 @@ class Reconciler:
         if oldest is not None and oldest.tzinfo is None:  # SQLite hands back naive UTC
             oldest = oldest.replace(tzinfo=dt.UTC)
         age = (now - oldest).total_seconds() if oldest is not None else 0.0
-        return Snapshot({str(k): int(v) for k, v in by_state.items()}, max(age, 0.0))
+        return Snapshot(by_state, max(age, 0.0))
+
+
+@contextlib.contextmanager
+def standalone(engine: Engine, settings: Settings) -> Iterator[Callable[[], dict[str, int]]]:
+    """A reconciler outside `serve`, with a ledger and a pipeline of its own.
+
+    Yields ``one_pass``: a pass, then a wait until the pipeline has processed
+    what it fetched. `WebRunError` when RECEIVER_WEBRUN_URL is unset.
+    """
+    from receiver.ledger import Ledger
+    from receiver.pipeline import Pipeline
+
+    client = WebRunClient.from_settings(settings)
+    pipeline = Pipeline(engine, max_depth=settings.max_depth)
+
+    def committed(deliveries: Sequence[RawDelivery], results: list[Recorded]) -> None:
+        stored = zip(deliveries, results, strict=True)
+        pipeline.submit_committed(d for d, r in stored if r.status == "stored")
+
+    ledger = Ledger(engine, on_committed=committed)
+    reconciler = Reconciler(engine, settings, client, ledger.record_sync)
+
+    def one_pass() -> dict[str, int]:
+        outcomes = reconciler.run_once()
+        pipeline.join()
+        return outcomes
+
+    pipeline.start()
+    ledger.start()
+    try:
+        yield one_pass
+    finally:
+        reconciler.stop()
+        client.close()
+        ledger.stop()
+        pipeline.stop()
+
+
+def reconcile_once(engine: Engine, settings: Settings) -> dict[str, int]:
+    """One reconciliation pass outside `serve` (``receiver reconcile --once``): outcomes counted."""
+    with standalone(engine, settings) as one_pass:
+        return one_pass()

@@ -112,6 +112,17 @@ def ensure_hook(engine: Engine, hook: str) -> None:
             conn.execute(insert(Hook).values(name=hook, created_at=utcnow()))
 
 
+def run_token(engine: Engine, settings: Settings, hook: str) -> str:
+    """The ``auth`` a launch gives WebRun: the first RECEIVER_TOKEN (valid on every hook),
+    else a new token of ``hook`` (stored as its hash only, like `hooks add`'s)."""
+    from receiver import auth
+
+    ensure_hook(engine, hook)
+    if settings.tokens:
+        return settings.tokens[0].decode()
+    return auth.add_token(engine, hook)
+
+
 def launch(
     engine: Engine,
     settings: Settings,

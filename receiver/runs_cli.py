@@ -71,26 +71,10 @@ def _render(runs: list[RunInfo], format_: str, title: str = "runs") -> None:
 def _client(settings: Settings) -> WebRunClient:
     from receiver.webrun import WebRunClient
 
-    if settings.webrun_url is None:
-        raise click.UsageError("RECEIVER_WEBRUN_URL is not set: the receiver makes no calls")
-    return WebRunClient(
-        settings.webrun_url,
-        settings.webrun_api_key,
-        timeout=settings.webrun_timeout_seconds,
-        concurrency=settings.webrun_concurrency,
-        rate=settings.webrun_rate,
-    )
-
-
-def _token(engine: Engine, settings: Settings, hook: str) -> str:
-    """The first RECEIVER_TOKEN (valid on every hook), else a new token of the hook."""
-    from receiver import auth
-    from receiver.runs import ensure_hook
-
-    ensure_hook(engine, hook)
-    if settings.tokens:
-        return settings.tokens[0].decode()
-    return auth.add_token(engine, hook)
+    try:
+        return WebRunClient.from_settings(settings)
+    except WebRunError as exc:
+        raise click.UsageError(str(exc)) from exc
 
 
 def _labels(labels: tuple[str, ...]) -> dict[str, str]:
@@ -177,14 +161,14 @@ def run(
     and the command exits 1 with a one-line error.
     """
     from receiver.db import upgrade
-    from receiver.runs import launch
+    from receiver.runs import launch, run_token
 
     settings = _settings(ctx)
     configs = _configs(task, config_file, from_file, output_type, schema_file, max_duration)
     wanted = _labels(labels)
     engine = _engine(ctx)
     upgrade(engine)
-    token = _token(engine, settings, hook)
+    token = run_token(engine, settings, hook)
     launched: list[RunInfo] = []
     failures: list[str] = []
     with _client(settings) as client:
@@ -295,40 +279,22 @@ def reconcile(ctx: click.Context, once: bool) -> None:
     Each answer is stored and processed like a delivery. Without --once, passes
     repeat every RECEIVER_RECONCILE_INTERVAL_SECONDS until interrupted.
     """
-    from receiver.app import reconciler_for
     from receiver.db import check_schema
-    from receiver.ledger import Ledger
-    from receiver.pipeline import Pipeline
+    from receiver.reconcile import standalone
 
     settings = _settings(ctx)
-    if settings.webrun_url is None:
-        raise click.UsageError("RECEIVER_WEBRUN_URL is not set: the receiver makes no calls")
     engine = _engine(ctx)
     check_schema(engine)
-    pipeline = Pipeline(engine, max_depth=settings.max_depth)
-    ledger = Ledger(
-        engine,
-        on_committed=lambda ds, rs: pipeline.submit_committed(
-            d for d, r in zip(ds, rs, strict=True) if r.status == "stored"
-        ),
-    )
-    reconciler = reconciler_for(settings, engine, ledger)
-    assert reconciler is not None
-    pipeline.start()
-    ledger.start()
     try:
-        while True:
-            outcomes = reconciler.run_once()
-            pipeline.join()
-            summary = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items())) or "nothing due"
-            click.echo(f"reconciled: {summary}")
-            if once:
-                break
-            time.sleep(settings.reconcile_interval_seconds)
+        with standalone(engine, settings) as one_pass:
+            while True:
+                outcomes = one_pass()
+                summary = ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+                click.echo(f"reconciled: {summary or 'nothing due'}")
+                if once:
+                    break
+                time.sleep(settings.reconcile_interval_seconds)
+    except WebRunError as exc:
+        raise click.UsageError(str(exc)) from exc
     except KeyboardInterrupt:
         pass
-    finally:
-        reconciler.stop()
-        reconciler.client.close()
-        ledger.stop()
-        pipeline.stop()

@@ -17,12 +17,15 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from receiver.db import utcnow
 from receiver.errors import WebRunError
+
+if TYPE_CHECKING:
+    from receiver.settings import Settings
 
 #: WebRun's documented limit on start-session, send-message and run-task.
 CREATIONS_PER_MINUTE = 10
@@ -156,6 +159,19 @@ class WebRunClient:
         limit, seconds = creations
         self.creations = Window(limit, seconds * 1.02 + 0.1, sleep=sleep)
         self._sleep = sleep
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> WebRunClient:
+        """The client `settings` describe; `WebRunError` when RECEIVER_WEBRUN_URL is unset."""
+        if settings.webrun_url is None:
+            raise WebRunError("RECEIVER_WEBRUN_URL is not set: the receiver makes no calls")
+        return cls(
+            settings.webrun_url,
+            settings.webrun_api_key,
+            timeout=settings.webrun_timeout_seconds,
+            concurrency=settings.webrun_concurrency,
+            rate=settings.webrun_rate,
+        )
 
     def close(self) -> None:
         self._http.close()
