@@ -154,7 +154,8 @@ class Reconciler:
         self.settle(now)
         due = self.due(now)
         outcomes: dict[str, int] = {}
-        for outcome in self._pool.map(self.check, due):
+        for called in self._pool.map(self.check, due):
+            outcome = str(called)  # plain strings: printed and counted as such
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if self.on_call is not None:
                 self.on_call(outcome)

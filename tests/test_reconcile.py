@@ -310,3 +310,56 @@ def test_the_metrics_show_runs_and_polls(
     )
     assert float(overdue.split()[1]) > 0
     assert KEY not in text
+
+
+def test_rollups_tell_reconciled_from_delivered(
+    client: TestClient, engine: Engine, quick: Settings, fake: FakeWebRun, reconciler: Reconciler
+) -> None:
+    from receiver import rollups
+
+    lost = launched(engine, quick, reconciler, "full_response")
+    delivered = launched(engine, quick, reconciler, "full_response")
+    time.sleep(0.2)
+    body, content_type = fake.tasks[str(delivered.task_id)].webhook_body("full_response")
+    post(client, "shop", body, content_type, query=f"run={delivered.id}")
+    until(reconciler, client, lambda: state(engine, lost.id) == RunState.RECONCILED)
+    assert state(engine, delivered.id) == RunState.DELIVERED
+    by_via = {r.key: r.cost_usd for r in rollups.costs(engine, ["label:via"])}
+    assert by_via == {
+        ("reconciled",): fake.tasks[str(lost.task_id)].usage["cost"],
+        ("webhook",): fake.tasks[str(delivered.task_id)].usage["cost"],
+    }
+
+
+def test_cli_reconcile_once(db_url: str, engine: Engine, quick: Settings, fake: FakeWebRun) -> None:
+    from click.testing import CliRunner
+
+    from receiver.cli import main
+
+    with WebRunClient(fake.url, KEY) as webrun:
+        run = launch(
+            engine,
+            quick,
+            webrun,
+            hook="shop",
+            config={"taskDetails": "x", "maxDuration": 1000},
+            token=TOKEN,
+        )
+    time.sleep(1.2)
+    env = {
+        "RECEIVER_DATABASE_URL": db_url,
+        "RECEIVER_WEBRUN_URL": fake.url,
+        "RECEIVER_WEBRUN_API_KEY": KEY,
+    }
+    obj: dict[str, Any] = {}
+    result = CliRunner().invoke(main, ["reconcile", "--once"], env=env, obj=obj)
+    obj["engine"].dispose()
+    assert result.exit_code == 0, result.output
+    assert result.output == "reconciled: final 1\n"
+    assert state(engine, run.id) == RunState.RECONCILED
+    with engine.connect() as conn:
+        task = conn.execute(select(Task.__table__)).one()
+    assert task.cost_usd == fake.tasks[str(run.task_id)].usage["cost"]
+    unset = CliRunner().invoke(main, ["reconcile", "--once"], env={"RECEIVER_DATABASE_URL": db_url})
+    assert unset.exit_code == 2
+    assert "RECEIVER_WEBRUN_URL is not set" in unset.output
