@@ -1,6 +1,7 @@
 """A fake WebRun API, written from WebRun's API reference, for tests and demos.
 
-``POST /start/run-task`` creates a task that "runs" for ``task_seconds``:
+``POST /start/run-task`` (or ``start-session`` then ``send-message`` with
+``actionType: "newTask"``) creates a task that "runs" for ``task_seconds``:
 the answer is the result when that fits in ``wait_seconds`` (WebRun waits
 50 s), else ``pending`` with a ``pollUrl``. ``GET /task/:sessionId/:taskId``
 answers ``active`` with running usage, then the final record, without ids.
@@ -184,6 +185,7 @@ class FakeWebRun:
         self._lock = threading.Lock()
         self._background: set[asyncio.Task[None]] = set()
         self.url = ""
+        self.sessions: set[str] = set()
         self.polls_in_flight = 0
         self.peak_polls_in_flight = 0
 
@@ -192,6 +194,8 @@ class FakeWebRun:
         return Starlette(
             routes=[
                 Route("/start/run-task", self._run_task, methods=["POST"]),
+                Route("/start/start-session", self._start_session, methods=["POST"]),
+                Route("/start/send-message", self._send_message, methods=["POST"]),
                 Route("/task/{session_id}/{task_id}", self._poll, methods=["GET"]),
             ]
         )
@@ -208,51 +212,115 @@ class FakeWebRun:
     def _authorised(self, request: Request) -> bool:
         return request.headers.get("authorization") == f"Bearer {self.api_key}"
 
-    async def _run_task(self, request: Request) -> Response:
-        route = "POST run-task"
+    async def _body(self, request: Request) -> Any:
+        try:
+            return await request.json()
+        except ValueError:
+            return None
+
+    def _refusal(
+        self, route: str, request: Request, body: Any, *, task: bool = True
+    ) -> Response | None:
+        """WebRun's refusals of a creation, in its order: key, fields, balance, rate, capacity.
+
+        Called under the lock: a creation that passes is counted at once.
+        """
         if not self._authorised(request):
             return self._answer(route, 401, {"success": False, "message": "Invalid API key"})
-        try:
-            config = await request.json()
-        except ValueError:
+        if not isinstance(body, dict):
             return self._answer(route, 400, {"success": False, "message": "Invalid JSON"})
-        if not isinstance(config, dict) or not isinstance(config.get("taskDetails"), str):
+        if task and not isinstance(body.get("taskDetails"), str):
             return self._answer(route, 400, {"success": False, "message": "taskDetails required"})
-        duration = config.get("maxDuration", 300000)
+        duration = body.get("maxDuration", 300000)
         if not isinstance(duration, int) or not 1000 <= duration <= 300000:
             message = "maxDuration must be 1000-300000"
             return self._answer(route, 400, {"success": False, "message": message})
         if self.balance <= 0:
-            body = {"success": False, "message": "Insufficient balance", "balance": self.balance}
-            return self._answer(route, 402, body)
+            refused = {"success": False, "message": "Insufficient balance", "balance": self.balance}
+            return self._answer(route, 402, refused)
         now = time.monotonic()
+        while self._created and self._created[0] <= now - self.rate_window:
+            self._created.popleft()
+        if len(self._created) >= self.rate_limit:
+            return self._answer(
+                route, 429, {"success": False, "message": "Rate limit exceeded"}, True
+            )
+        if self.unavailable > 0:
+            self.unavailable -= 1
+            refused = {"success": False, "message": "No instances available"}
+            return self._answer(route, 503, refused, True)
+        self._created.append(now)
+        return None
+
+    async def _run_task(self, request: Request) -> Response:
+        route = "POST run-task"
+        config = await self._body(request)
         with self._lock:
-            while self._created and self._created[0] <= now - self.rate_window:
-                self._created.popleft()
-            if len(self._created) >= self.rate_limit:
-                body = {"success": False, "message": "Rate limit exceeded"}
-                return self._answer(route, 429, body, retry=True)
-            if self.unavailable > 0:
-                self.unavailable -= 1
-                body = {"success": False, "message": "No instances available"}
-                return self._answer(route, 503, body, retry=True)
-            self._created.append(now)
-            task = self._new_task(config, now)
-        self._background.add(spawned := asyncio.create_task(self._finish(task)))
+            refused = self._refusal(route, request, config)
+            if refused is not None:
+                return refused
+            task = self._new_task(config, time.monotonic())
+        return await self._started(route, task, complete_status=True)
+
+    async def _start_session(self, request: Request) -> Response:
+        """A session and no task id (an ``initialTask`` is not run by the fake)."""
+        route = "POST start-session"
+        config = await self._body(request)
+        with self._lock:
+            refused = self._refusal(route, request, config, task=False)
+            if refused is not None:
+                return refused
+            session_id = f"sess_{uuid.uuid4().hex[:12]}"
+            self.sessions.add(session_id)
+        body = {
+            "success": True,
+            "sessionId": session_id,
+            "expiresIn": 300000,
+            "balance": self.balance,
+            "message": "Session started",
+        }
+        return self._answer(route, 200, body)
+
+    async def _send_message(self, request: Request) -> Response:
+        """``actionType: "newTask"`` starts a task in the session; other actions are accepted."""
+        route = "POST send-message"
+        body = await self._body(request)
+        message = body.get("message") if isinstance(body, dict) else None
+        if not isinstance(message, dict) or "actionType" not in message:
+            return self._answer(route, 400, {"success": False, "message": "message required"})
+        if body.get("sessionId") not in self.sessions:
+            return self._answer(route, 404, {"success": False, "message": "Session not found"})
+        if message["actionType"] != "newTask":
+            return self._answer(route, 200, {"success": True, "sessionId": body["sessionId"]})
+        with self._lock:
+            refused = self._refusal(route, request, message)
+            if refused is not None:
+                return refused
+            task = self._new_task(message, time.monotonic(), session_id=body["sessionId"])
+        return await self._started(route, task, complete_status=False)
+
+    async def _started(self, route: str, task: FakeTask, *, complete_status: bool) -> Response:
+        """The creation answer: the result within ``wait_seconds``, else pending with a pollUrl."""
+        spawned = asyncio.create_task(self._finish(task))
+        self._background.add(spawned)
         spawned.add_done_callback(self._background.discard)
         ids = {"success": True, "sessionId": task.session_id, "taskId": task.task_id}
-        if task.ends - now <= self.wait_seconds:
+        if task.ends - time.monotonic() <= self.wait_seconds:
             # The worst case for the client: the webhook is sent before this answer.
             await asyncio.shield(spawned)
             final = task.final_record()
             result = {k: v for k, v in final.items() if k != "success"}
-            return self._answer(route, 200, {**ids, "status": "complete", "result": result})
+            status = {"status": "complete"} if complete_status else {}
+            return self._answer(route, 200, {**ids, **status, "result": result})
         poll = f"{self.url}/task/{task.session_id}/{task.task_id}"
+        pending = {"status": "pending"} if complete_status else {}
         message = "Task is still running. Poll the pollUrl for the result."
-        body = {**ids, "status": "pending", "pending": True, "pollUrl": poll, "message": message}
+        body = {**ids, **pending, "pending": True, "pollUrl": poll, "message": message}
         return self._answer(route, 200, body)
 
-    def _new_task(self, config: dict[str, Any], now: float) -> FakeTask:
+    def _new_task(
+        self, config: dict[str, Any], now: float, session_id: str | None = None
+    ) -> FakeTask:
         n = len(self.tasks) + 1
         # Exactly ``drop_fraction`` of the tasks so far lose their webhook, spread evenly.
         dropped = int(n * self.drop_fraction) > int((n - 1) * self.drop_fraction)
@@ -268,7 +336,7 @@ class FakeWebRun:
         completed = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=self.task_seconds)
         task = FakeTask(
             number=n,
-            session_id=f"sess_{uuid.uuid4().hex[:12]}",
+            session_id=session_id or f"sess_{uuid.uuid4().hex[:12]}",
             task_id=f"task_{uuid.uuid4().hex[:12]}",
             config=config,
             started=now,

@@ -307,8 +307,12 @@ def _replace_task_output(
             Output.delivery_id != delivery.id,
         )
     ).all()
-    for other in others:
-        delete_derived(conn, other, delivery.hook)
+    if others:
+        # Only the output and its rows: what the other delivery said of the task (its
+        # usage, its cost) still counts.
+        conn.execute(delete(Output).where(Output.delivery_id.in_(others)))
+        for other in others:
+            delete_results(conn, other, delivery.hook)
 
 
 def _replace_derived(

@@ -249,3 +249,23 @@ def test_polls_answer_queued_failures_then_404_for_unknown(fake: FakeWebRun) -> 
     assert (first.status, second.status, third.status) == (503, 429, 404)
     assert first.retry_after == fake.retry_after
     assert third.status == httpx.codes.NOT_FOUND
+
+
+def test_start_session_then_send_message(fake: FakeWebRun) -> None:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=fake.url, headers=headers) as http:
+        session = http.post("/start/start-session", json={"mode": "default"}).json()
+        assert "taskId" not in session
+        message = {"actionType": "newTask", "newState": "start", "taskDetails": "next"}
+        sent = http.post(
+            "/start/send-message", json={"sessionId": session["sessionId"], "message": message}
+        ).json()
+        unknown = http.post("/start/send-message", json={"sessionId": "nope", "message": message})
+    assert sent["sessionId"] == session["sessionId"]
+    assert sent["pending"] is True
+    assert sent["taskId"] in fake.tasks
+    assert unknown.status_code == 404
+    time.sleep(0.3)
+    with client_of(fake) as client:
+        record = json.loads(client.get_task(sent["sessionId"], sent["taskId"]).body)
+    assert record["type"] == "task_completed"
