@@ -275,6 +275,7 @@ class Reconciler:
                 self._reschedule(run, f"could not record WebRun's answer: {exc}")
                 return CallOutcome.ERROR
             if is_final(polled.body, polled.content_type):
+                log.info("run %s reconciled: its final record was fetched from WebRun", run.id)
                 self._update(
                     run.id,
                     state=RunState.RECONCILED,
@@ -288,6 +289,7 @@ class Reconciler:
         error = f"WebRun answered {status} to GET /task"
         if status == 404:
             if run.attempts + 1 >= LOST_AFTER:
+                log.warning("run %s lost: WebRun answered 404 %d times", run.id, LOST_AFTER)
                 self._update(
                     run.id,
                     state=RunState.LOST,
@@ -315,8 +317,14 @@ class Reconciler:
         )
 
     def _update(self, run_id: str, **values: Any) -> None:
+        """Change a run still ``launched``: one settled meanwhile (another worker, a
+        webhook) keeps its state, so states only move forward."""
         with self.engine.begin() as conn:
-            conn.execute(update(Run).where(Run.id == run_id).values(updated_at=utcnow(), **values))
+            conn.execute(
+                update(Run)
+                .where(Run.id == run_id, Run.state == RunState.LAUNCHED)
+                .values(updated_at=utcnow(), **values)
+            )
 
     def take_snapshot(self, now: dt.datetime) -> Snapshot:
         with self.engine.connect() as conn:

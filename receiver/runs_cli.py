@@ -111,7 +111,10 @@ def _configs(
             config["outputType"] = output_type
         if schema_file is not None:
             schema_file.seek(0)
-            config["outputSchema"] = json.load(schema_file)
+            config["outputSchema"] = schema = json.load(schema_file)
+            # A list of column names is a CSV schema, an object a JSON Schema.
+            implied = "structured_csv" if isinstance(schema, list) else "structured_json"
+            config.setdefault("outputType", implied)
         if max_duration is not None:
             config["maxDuration"] = max_duration
     return configs

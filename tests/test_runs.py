@@ -190,9 +190,16 @@ def test_cli_run_and_runs(db_url: str, fake: FakeWebRun, tmp_path: Path) -> None
     shown = json.loads(cli("runs", "show", one["id"]))
     assert shown["config"]["taskDetails"] == CONFIG_WITH_SECRETS["taskDetails"]
     assert "secrets" not in shown["config"]
+    columns = tmp_path / "columns.json"
+    columns.write_text('["name", "price"]')
+    [csv_run] = json.loads(
+        cli("run", "--hook", "h", "--task", "prices", "--schema", str(columns), "--format", "json")
+    )
+    sent = fake.tasks[csv_run["task_id"]].config
+    assert (sent["outputType"], sent["outputSchema"]) == ("structured_csv", ["name", "price"])
     tracked = cli("runs", "track", "sess_x", "task_y", "--hook", "h")
     assert "task_y" in tracked
-    assert len(json.loads(cli("runs", "list", "--format", "json"))) == 5
+    assert len(json.loads(cli("runs", "list", "--format", "json"))) == 6
 
 
 def test_track_is_idempotent(engine: Engine, settings: Settings) -> None:
