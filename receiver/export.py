@@ -215,7 +215,15 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
     from sqlalchemy import Column, MetaData, Table, select
 
     from receiver.columns import ColumnType
-    from receiver.models import Delivery, ResultColumn, ResultTable, Task
+    from receiver.models import (
+        Delivery,
+        ResultColumn,
+        ResultTable,
+        Task,
+        TaskEvent,
+        TaskFile,
+        TaskNetwork,
+    )
     from receiver.rollups import VIEWS
     from receiver.schema import TableInfo
 
@@ -226,6 +234,11 @@ def datasets(engine: Engine, *, with_bodies: bool = False) -> list[Dataset]:
     ]
     out = [
         Dataset("tasks", Task.__table__, "first_seen_at", "rewrite"),  # type: ignore[arg-type]
+        # A task's timeline and its record's files and visited URLs, by delivery time.
+        *(
+            Dataset(m.__tablename__, m.__table__, "received_at", "append")  # type: ignore[arg-type]
+            for m in (TaskEvent, TaskFile, TaskNetwork)
+        ),
         Dataset(
             "deliveries",
             Table("deliveries", MetaData(), *delivery_columns),

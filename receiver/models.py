@@ -111,7 +111,8 @@ class Task(Base):
     #: JSON text of ``[session_id, task_id]``: unique even when session_id is NULL.
     task_key: Mapped[str] = mapped_column(Text, primary_key=True)
     session_id: Mapped[str | None] = mapped_column(Text)
-    task_id: Mapped[str] = mapped_column(Text, index=True)
+    #: NULL for a task record with no id anywhere (one task per such delivery).
+    task_id: Mapped[str | None] = mapped_column(Text, index=True)
     hook: Mapped[str] = mapped_column(String(128), index=True)
     status: Mapped[str | None] = mapped_column(String(16))
     output_type: Mapped[str | None] = mapped_column(String(32))
@@ -129,6 +130,73 @@ class Task(Base):
     first_seen_at: Mapped[dt.datetime] = mapped_column(UtcDateTime, index=True)
     last_delivery_id: Mapped[str] = mapped_column(String(36))
     labels: Mapped[str] = mapped_column(Text)
+    extra: Mapped[str | None] = mapped_column(Text)
+    #: The status of the deliveries the usage came from: ``running`` usage is "so far".
+    usage_status: Mapped[str | None] = mapped_column(String(16))
+
+
+class TaskEvent(Base):
+    """What one delivery said about a task; the `Task` row is their fold (`receiver.lifecycle`)."""
+
+    __tablename__ = "task_events"
+
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id"), primary_key=True)
+    task_key: Mapped[str] = mapped_column(Text, index=True)
+    hook: Mapped[str] = mapped_column(String(128))
+    #: The ids as this delivery gave them (body, else labels); ``task_key`` is the task joined.
+    session_id: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(Text)
+    received_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    kind: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str | None] = mapped_column(String(16))
+    output_type: Mapped[str | None] = mapped_column(String(32))
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    total_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    compute_time_s: Mapped[float | None] = mapped_column(Float)
+    completion_time_s: Mapped[float | None] = mapped_column(Float)
+    cost_usd: Mapped[float | None] = mapped_column(Float)
+    error: Mapped[str | None] = mapped_column(Text)
+    error_code: Mapped[str | None] = mapped_column(Text)
+    guardrail_type: Mapped[str | None] = mapped_column(Text)
+    guardrail_value: Mapped[str | None] = mapped_column(Text)
+    completed_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    labels: Mapped[str] = mapped_column(Text)
+    extra: Mapped[str | None] = mapped_column(Text)
+
+
+class TaskFile(Base):
+    """One item of a task record's ``data.files``: a file the agent downloaded."""
+
+    __tablename__ = "task_files"
+
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id"), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_key: Mapped[str] = mapped_column(Text, index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    source: Mapped[str | None] = mapped_column(Text)
+    download_url: Mapped[str | None] = mapped_column(Text)
+    filename: Mapped[str | None] = mapped_column(Text)
+    #: WebRun's Unix-milliseconds ``timestamp``, as a UTC time.
+    timestamp: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    extra: Mapped[str | None] = mapped_column(Text)
+
+
+class TaskNetwork(Base):
+    """One visited URL of a task record's ``data.network`` entries."""
+
+    __tablename__ = "task_network"
+
+    delivery_id: Mapped[str] = mapped_column(ForeignKey("deliveries.id"), primary_key=True)
+    row_index: Mapped[int] = mapped_column(Integer, primary_key=True)
+    entry_index: Mapped[int] = mapped_column(Integer)
+    url_index: Mapped[int | None] = mapped_column(Integer)
+    task_key: Mapped[str] = mapped_column(Text, index=True)
+    received_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    network_id: Mapped[str | None] = mapped_column(Text)
+    network_task_id: Mapped[str | None] = mapped_column(Text)
+    url: Mapped[str | None] = mapped_column(Text)
+    timestamp: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
     extra: Mapped[str | None] = mapped_column(Text)
 
 

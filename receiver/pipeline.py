@@ -19,16 +19,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Row, bindparam, delete, insert, select, update
+from sqlalchemy.exc import DBAPIError
 
-from receiver.classify import Envelope, OutputType, classify
+from receiver.attachments import file_rows, network_rows
+from receiver.classify import Envelope, Kind, OutputType, classify
 from receiver.correlation import correlate
 from receiver.db import utcnow, write_transaction
 from receiver.errors import Quarantine
 from receiver.ledger import RawDelivery
-from receiver.models import Delivery, Hook, Output
+from receiver.models import Delivery, Hook, Output, TaskFile, TaskNetwork
 from receiver.results import HeldInserts, delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
-from receiver.tasks import task_ids, task_row, upsert_tasks
+from receiver.tasks import delete_events, event_row, task_ids, write_events
 from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.pipeline")
@@ -37,6 +39,8 @@ log = logging.getLogger("receiver.pipeline")
 YIELD_POLL_SECONDS = 0.05
 #: Bodies of committed deliveries kept in memory until processed (`Pipeline.submit_committed`).
 HELD_BYTES = 64 * 2**20
+#: A body this big is processed in a transaction of its own (`Pipeline._chunk`).
+BIG_BODY_BYTES = 16 * 2**10
 
 
 @dataclass(frozen=True)
@@ -117,7 +121,9 @@ def process_deliveries(
                 parsed.append((delivery, exc))
             except Exception as exc:  # a bug in a pure core: keep the delivery, say so
                 log.exception("classifying delivery %s failed", delivery_id)
-                parsed.append((delivery, Quarantine(_failure(exc))))
+                parsed.append(
+                    (delivery, Quarantine(_failure(exc, delivery_id, engine.dialect.name)))
+                )
 
         try:
             with write_transaction(conn):
@@ -205,7 +211,9 @@ class _Writes:
     """
 
     def __init__(self) -> None:
-        self.tasks: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
+        self.files: list[dict[str, Any]] = []
+        self.network: list[dict[str, Any]] = []
         self.outputs: list[dict[str, Any]] = []
         self.results = HeldInserts()
         self.processed: list[dict[str, Any]] = []
@@ -213,19 +221,40 @@ class _Writes:
         self.task_outputs: set[tuple[str, str | None, str]] = set()
 
     def flush(self, conn: Connection) -> None:
-        if self.tasks:
-            upsert_tasks(conn, self.tasks)
+        if self.events:
+            write_events(conn, self.events)
+            key_of = {e["delivery_id"]: e["task_key"] for e in self.events}
+            for model, rows in ((TaskFile, self.files), (TaskNetwork, self.network)):
+                if rows:
+                    conn.execute(
+                        insert(model), [r | {"task_key": key_of[r["delivery_id"]]} for r in rows]
+                    )
         if self.outputs:
             conn.execute(insert(Output), self.outputs)
         self.results.flush(conn)
         if self.processed:
             conn.execute(_MARK_PROCESSED, self.processed)
-        self.tasks, self.outputs, self.processed = [], [], []
+        self.events, self.files, self.network = [], [], []
+        self.outputs, self.processed = [], []
         self.task_outputs = set()
 
 
-def _failure(exc: BaseException) -> str:
-    return f"processing failed: {type(exc).__name__}: {str(exc)[:300]}"
+def _failure(exc: BaseException, delivery_id: str, dialect: str) -> str:
+    """A reason a person can act on, for an error no check foresaw (the log has the details)."""
+    if isinstance(exc, DBAPIError):
+        if "too many columns" in str(exc).lower():
+            return (
+                f"the output has more fields than a {dialect} table can hold as columns;"
+                " register the hook's schema with fewer fields or nest them"
+            )
+        return (
+            f"the database refused this delivery's rows ({type(exc.orig).__name__}); the"
+            f" receiver's log has the details under delivery {delivery_id}"
+        )
+    return (
+        f"an internal error stopped processing ({type(exc).__name__}); it is logged with"
+        f" delivery {delivery_id}: please report it, then run `receiver reprocess --quarantined`"
+    )
 
 
 def _process_one(
@@ -256,9 +285,61 @@ def _process_one(
             # quarantined with the reason, and `receiver reprocess` retries it after a fix.
             savepoint.rollback()
             log.exception("processing delivery %s failed", delivery.id)
-            reason = _failure(exc)
+            reason = _failure(exc, delivery.id, conn.dialect.name)
         forget_catalogs(conn)  # what the savepoint created is gone
+        if envelope.kind is not Kind.AI_RESPONSE and envelope.output is not None:
+            partial = _quarantine_output(conn, delivery, envelope, reason, rerun)
+            if partial is not None:
+                return partial
     return _quarantine(conn, delivery, reason, rerun)
+
+
+def _quarantine_output(
+    conn: Connection, delivery: Row[Any], envelope: Envelope, reason: str, rerun: bool
+) -> Outcome | None:
+    """A task record whose output cannot be loaded still gives its task: status, usage and
+    cost land (and count in every rollup); only the output is quarantined, with the reason.
+    `receiver reprocess --quarantined` loads the output once the cause is fixed."""
+    reason = (
+        f"the output could not be loaded: {reason}. The task's status, usage and cost"
+        " are recorded in tasks; only the output is missing."
+    )
+    savepoint = conn.begin_nested()
+    try:
+        if rerun:
+            delete_derived(conn, delivery.id, delivery.hook)
+        labels = correlate(conn, json.loads(delivery.labels))
+        event = event_row(
+            envelope,
+            hook=delivery.hook,
+            labels=labels,
+            delivery_id=delivery.id,
+            received_at=delivery.received_at,
+        )
+        if event is not None:
+            writes = _Writes()
+            writes.events.append(event)
+            _attachments(envelope, delivery, writes)
+            writes.flush(conn)
+        session_id, task_id = task_ids(envelope, labels)
+        conn.execute(
+            update(Delivery)
+            .where(Delivery.id == delivery.id)
+            .values(
+                status="quarantined",
+                kind=envelope.kind.value,
+                session_id=session_id,
+                task_id=task_id,
+                reason=reason,
+                processed_at=utcnow(),
+            )
+        )
+        savepoint.commit()
+    except Exception:
+        savepoint.rollback()
+        log.exception("recording the task of delivery %s failed", delivery.id)
+        return None
+    return Outcome(delivery.id, "quarantined", reason)
 
 
 def _quarantine(conn: Connection, delivery: Row[Any], reason: str, rerun: bool) -> Outcome:
@@ -279,8 +360,19 @@ def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
     processes handling one delivery at once take turns instead of colliding.
     """
     lock_hook(conn, hook)
-    conn.execute(delete(Output).where(Output.delivery_id == delivery_id))
+    delete_events(conn, delivery_id)
+    for model in (Output, TaskFile, TaskNetwork):
+        conn.execute(delete(model).where(model.delivery_id == delivery_id))
     delete_results(conn, delivery_id, hook)
+
+
+def _attachments(envelope: Envelope, delivery: Row[Any], writes: _Writes) -> None:
+    """A task record's ``data.files`` and ``data.network`` as rows of their own tables."""
+    where = {"delivery_id": delivery.id, "received_at": delivery.received_at}
+    if "files" in envelope.extra:
+        writes.files += file_rows(envelope.extra["files"], **where)
+    if "network" in envelope.extra:
+        writes.network += network_rows(envelope.extra["network"], **where)
 
 
 def _replace_task_output(
@@ -328,15 +420,16 @@ def _replace_derived(
     if rerun:
         delete_derived(conn, delivery.id, delivery.hook)
     labels = correlate(conn, json.loads(delivery.labels))
-    task = task_row(
+    event = event_row(
         envelope,
         hook=delivery.hook,
         labels=labels,
         delivery_id=delivery.id,
         received_at=delivery.received_at,
     )
-    if task is not None:
-        writes.tasks.append(task)
+    if event is not None:
+        writes.events.append(event)
+        _attachments(envelope, delivery, writes)
     session_id, task_id = task_ids(envelope, labels)
     output = envelope.output
     if output is not None:
@@ -501,6 +594,17 @@ class Pipeline(QueueWorker[str]):
             time.sleep(YIELD_POLL_SECONDS)
         return True
 
+    def _chunk(self, ids: list[str], size: int) -> tuple[list[str], list[str]]:
+        """The next ``size`` ids, but a big body alone: its transaction holds the write
+        lock (SQLite: the ledger's too) for long enough without the others' rows."""
+        with self._lock:
+            big = [len(self._bodies.get(i, b"")) >= BIG_BODY_BYTES for i in ids[:size]]
+        if big[0]:
+            return ids[:1], ids[1:]
+        if any(big):
+            size = big.index(True)
+        return ids[:size], ids[size:]
+
     def _process(self, ids: list[str]) -> dict[str, str]:
         try:
             outcomes = process_deliveries(
@@ -522,7 +626,7 @@ class Pipeline(QueueWorker[str]):
                 while ids:
                     # Under load, small transactions: the write lock is the ledger's too.
                     size = self.busy_batch_size if self._yield_to_ingest() else self.batch_size
-                    chunk, ids = ids[:size], ids[size:]
+                    chunk, ids = self._chunk(ids, size)
                     outcomes = self._process(chunk)
                     if self.on_processed is not None:
                         for delivery_id in chunk:

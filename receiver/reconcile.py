@@ -175,7 +175,12 @@ class Reconciler:
             Task.status,
             Task.cost_usd,
             Task.labels,
-        ).where(Task.first_seen_at >= since, Task.session_id.is_not(None), ~known.exists())
+        ).where(
+            Task.first_seen_at >= since,
+            Task.session_id.is_not(None),
+            Task.task_id.is_not(None),
+            ~known.exists(),
+        )
         grace = dt.timedelta(seconds=self.settings.reconcile_grace_seconds)
         with self.engine.begin() as conn:
             rows = conn.execute(query).all()

@@ -52,11 +52,13 @@ from receiver.errors import Quarantine
 from receiver.models import ResultTable
 from receiver.rows import FlatColumn, FlatRecords, FlatTable, Key, flat_records, flatten
 from receiver.schema import (
+    OVERFLOW_KEY,
     ROW_NOTES,
     Catalog,
     TableInfo,
     catalog_for,
     fits,
+    is_overflow,
     result_table,
     source_key,
 )
@@ -158,6 +160,8 @@ def _place(
 ) -> tuple[str, Any]:
     """Where one cell goes (its column if it fits, else the variant column for its type)."""
     name = catalog.column(table, key, suggested, declared)
+    if is_overflow(name):  # any value goes, as it is (JSON text: as the JSON it is)
+        return name, _JsonText(value) if cell_type is ColumnType.JSON else value
     column_type = table.columns[key][1]
     actual = cell_type or ColumnType.TEXT
     if actual is ColumnType.TEXT and isinstance(value, str) and "\x00" in value and catalog.pg:
@@ -269,6 +273,7 @@ def _load_records(
         ):
             return None
         planned.append((key, column, column_type))
+    catalog.columns(info, [(keys[key], column.name, column.type) for key, column, _ in planned])
     for key, column, column_type in planned:
         catalog.column(info, keys[key], column.name, column.type)
         if info.columns[keys[key]][1] is not column_type:  # another process got there first
@@ -313,6 +318,9 @@ def _place_json_cells(
     catalog: Catalog, info: TableInfo, flat: FlatTable, keys: dict[Key, str], cells: _Cells
 ) -> None:
     """Cell by cell, row by row: new columns are added in the order their first cell is met."""
+    catalog.columns(
+        info, [(keys[key], column.name, column.type) for key, column in flat.columns.items()]
+    )
     for position, flat_row in enumerate(flat.rows):
         for key, value in flat_row.values.items():
             column = flat.columns.get(key)
@@ -351,6 +359,7 @@ def _place_json_columns(
         ):
             return False
         planned.append((key, column, column_type, values))
+    catalog.columns(info, [(keys[k], column.name, column.type) for k, column, _, _ in planned])
     for key, column, column_type, _ in planned:
         catalog.column(info, keys[key], column.name, column.type)
         if info.columns[keys[key]][1] is not column_type:  # another process got there first
@@ -435,6 +444,7 @@ def _load_csv(
     # catalogued one stores every value as it is (no variants, no lookups), and only the
     # other columns and the row notes go cell by cell, in the same order as before.
     everything = range(len(parsed.columns))
+    catalog.columns(info, [(keys[i], c.name, c.type) for i, c in enumerate(parsed.columns)])
     place_row(0, everything, [_first_cell(parsed, i) for i in everything])
     remaining: list[int] = []
     for i, column in enumerate(parsed.columns):
@@ -471,6 +481,58 @@ def _has_nul_values(values: ColumnValues) -> bool:
     return bool(pc.any(pc.match_substring(values, "\x00")).as_py())
 
 
+class _JsonText(str):
+    """A cell's JSON text (a depth cut), bound for the overflow column as the JSON it is."""
+
+
+def _gather_overflow(info: TableInfo, cells: _Cells) -> None:
+    """Move the cells of keys past the column limit into the row's overflow column: one
+    JSON object per row, nested by each key's path under its original names."""
+    names = [n for n in (*cells.columns, *cells.whole) if is_overflow(n)]
+    if not names:
+        return
+    types = dict(info.columns.values())
+    objects: list[dict[str, Any]] = [{} for _ in range(cells.rows)]
+    for name in names:
+        values = cells.columns.pop(name, None)
+        column: Sequence[Any] = values if values is not None else _python(cells.whole.pop(name))
+        path = _overflow_path(name[1:])
+        as_json = types[name] is ColumnType.JSON
+        for row, value in enumerate(column):
+            if value is None:
+                continue
+            if isinstance(value, _JsonText) or (as_json and isinstance(value, str)):
+                value = json.loads(value)
+            _put_path(objects[row], path, value)
+    overflow = info.columns[OVERFLOW_KEY][0]
+    cells.columns[overflow] = [
+        json.dumps(o, ensure_ascii=False, default=str) if o else None for o in objects
+    ]
+
+
+def _overflow_path(key: str) -> list[str]:
+    """The original names of a catalogued source key: its JSON path (or CSV header); a
+    variant of a key goes where the key would."""
+    parts = json.loads(key)
+    if len(parts) == 2 and isinstance(parts[0], list):
+        head = [str(p) for p in parts[0]]
+        return head if str(parts[1]).startswith("#variant:") else [*head, str(parts[1])]
+    return [str(p) for p in parts]
+
+
+def _put_path(obj: dict[str, Any], path: list[str], value: Any) -> None:
+    """``obj[path[0]][path[1]]... = value``; where a value already sits on the way, the
+    rest of the path is joined with dots instead, so nothing is overwritten."""
+    node = obj
+    for i, part in enumerate(path[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            node[".".join(path[i:])] = value
+            return
+        node = child
+    node[path[-1]] = value
+
+
 def _insert(
     conn: Connection,
     info: TableInfo,
@@ -480,6 +542,7 @@ def _insert(
     held: HeldInserts | None,
 ) -> int:
     """Insert a batch given column by column; the system values are the same on every row."""
+    _gather_overflow(info, cells)
     everything = {**cells.columns, **cells.whole, **system_cells}
     table = info.sqla_table()
     if held is None or not held.hold(table, cells.rows, everything, system):

@@ -46,6 +46,7 @@ from sqlalchemy import (
     select,
     text,
 )
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 
 from receiver.columns import ColumnType, sanitise_identifier, unique_identifier
@@ -92,6 +93,26 @@ ROW_NOTES: dict[str, ColumnType] = {
 }
 
 
+#: Columns a result table may have on each database, the receiver's own included. SQLite
+#: allows 2,000; PostgreSQL 1,600, but a row must also fit its 8 KB page, and a value moved
+#: out of line still takes 18 bytes there: 400 keeps every row within it.
+MAX_COLUMNS = {"sqlite": 1900, "postgresql": 400}
+#: Keys past the limit go, each under its original name, into this JSON column of the row.
+OVERFLOW_COLUMN = "_overflow"
+#: SQLite: adding this many columns or more to a table of at most this many rows rebuilds
+#: it in one copy instead of one ALTER per column.
+SQLITE_REBUILD_COLUMNS = 32
+SQLITE_REBUILD_ROWS = 100_000
+OVERFLOW_KEY = json.dumps([["#row-note"], OVERFLOW_COLUMN])
+#: How a key that went to the overflow column is named in `TableInfo.columns`: no SQL
+#: identifier starts with NUL, so it can never be taken for a real column.
+OVERFLOW_MARK = "\x00"
+
+
+def is_overflow(name: str) -> bool:
+    return name.startswith(OVERFLOW_MARK)
+
+
 @dataclass
 class TableInfo:
     name: str
@@ -103,7 +124,12 @@ class TableInfo:
 
     def sqla_table(self) -> Table:
         """A Core `Table` for inserts, with the system and catalogued columns."""
-        return result_table(self.name, tuple(self.columns.values()))
+        return result_table(
+            self.name, tuple(c for c in self.columns.values() if not is_overflow(c[0]))
+        )
+
+    def real_columns(self) -> int:
+        return len(SYSTEM_COLUMNS) + sum(1 for n, _ in self.columns.values() if not is_overflow(n))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -215,6 +241,9 @@ class Catalog:
         self.hook = hook
         self.pg = conn.dialect.name == "postgresql"
         self._locked = False
+        #: Tables this transaction created: on SQLite, still empty ones are made anew
+        #: with all their columns in one CREATE TABLE (`columns`).
+        self._created: set[str] = set()
         lock_hook(conn, hook)
         self.tables: dict[str, TableInfo] = {}
         self._load()
@@ -263,6 +292,7 @@ class Catalog:
         table = info.sqla_table()
         table.append_constraint(_pk(name))
         table.create(self.conn, checkfirst=True)
+        self._created.add(name)
         self.conn.execute(
             insert_for(self.conn.dialect.name)(ResultTable)
             .values(
@@ -306,6 +336,11 @@ class Catalog:
         found = table.columns.get(key)
         if found is not None:
             return found[0]
+        if key != OVERFLOW_KEY and table.real_columns() >= MAX_COLUMNS[self.conn.dialect.name] - 1:
+            # The table is full: the key's values go to the row's overflow column.
+            self.column(table, OVERFLOW_KEY, OVERFLOW_COLUMN, ColumnType.JSON)
+            table.columns[key] = (OVERFLOW_MARK + key, type_)
+            return OVERFLOW_MARK + key
         taken = {name for name, _ in table.columns.values()} | {n for n, _ in SYSTEM_COLUMNS}
         name = unique_identifier(suggested, taken)
         add_column(self.conn, table.name, name, type_)
@@ -323,6 +358,117 @@ class Catalog:
         table.columns[key] = (name, type_)
         self.tables[table.identity] = table
         return name
+
+    def columns(self, table: TableInfo, specs: list[tuple[str, str, ColumnType]]) -> None:
+        """Add the columns of many new source keys ``(key, suggested name, type)`` at once.
+
+        One DDL statement per table, not one per column (``ALTER TABLE`` per key made a
+        2,000-key object take tens of seconds and held the write lock meanwhile):
+        PostgreSQL adds them in one ``ALTER TABLE``; on SQLite, which adds one column per
+        ``ALTER``, a table this transaction created and still empty is made anew with all
+        of them in one ``CREATE TABLE``. Keys past the column limit go to the overflow.
+        """
+        missing = [spec for spec in dict.fromkeys(specs) if spec[0] not in table.columns]
+        if len({key for key, _, _ in missing}) < 2:
+            for spec in missing:
+                self.column(table, *spec)
+            return
+        self._lock()
+        fresh = self.tables[table.identity]
+        if fresh is not table:
+            table.columns = fresh.columns
+        first: dict[str, tuple[str, str, ColumnType]] = {}
+        for spec in missing:
+            if spec[0] not in table.columns:
+                first.setdefault(spec[0], spec)
+        missing = list(first.values())
+        room = max(0, MAX_COLUMNS[self.conn.dialect.name] - 1 - table.real_columns())
+        fitting, rest = missing[:room], missing[room:]
+        taken = {name for name, _ in table.columns.values()} | {n for n, _ in SYSTEM_COLUMNS}
+        added: list[tuple[str, str, ColumnType]] = []
+        for key, suggested, type_ in fitting:
+            name = unique_identifier(suggested, taken)
+            taken.add(name)
+            added.append((key, name, type_))
+        if added:
+            self._add_columns(table, [(name, type_) for _, name, type_ in added])
+            start = len(table.columns)
+            self.conn.execute(
+                insert_for(self.conn.dialect.name)(ResultColumn).on_conflict_do_nothing(),
+                [
+                    {
+                        "table_name": table.name,
+                        "column_name": name,
+                        "source_key": key,
+                        "type": type_.value,
+                        "position": start + i,
+                    }
+                    for i, (key, name, type_) in enumerate(added)
+                ],
+            )
+            for key, name, type_ in added:
+                table.columns[key] = (name, type_)
+            self.tables[table.identity] = table
+        for spec in rest:
+            self.column(table, *spec)
+
+    def _add_columns(self, table: TableInfo, new: list[tuple[str, ColumnType]]) -> None:
+        quote = self.conn.dialect.identifier_preparer.quote
+        if self.conn.dialect.name == "postgresql":
+            dialect = self.conn.dialect
+            clauses = ", ".join(
+                f"ADD COLUMN IF NOT EXISTS {quote(n)} {SQL_TYPES[t].compile(dialect=dialect)}"
+                for n, t in new
+            )
+            self.conn.execute(text(f"ALTER TABLE {quote(table.name)} {clauses}"))
+            return
+        name = quote(table.name)
+        real = [c for c in table.columns.values() if not is_overflow(c[0])]
+        empty = self.conn.execute(text(f"SELECT 1 FROM {name} LIMIT 1")).first() is None
+        if table.name in self._created and empty:
+            whole = result_table(table.name, (*real, *new)).to_metadata(MetaData())
+            whole.append_constraint(_pk(table.name))
+            self.conn.execute(text(f"DROP TABLE {name}"))
+            whole.create(self.conn)
+            return
+        few_rows = (
+            self.conn.execute(
+                text(f"SELECT 1 FROM {name} LIMIT 1 OFFSET {SQLITE_REBUILD_ROWS}")
+            ).first()
+            is None
+        )
+        if len(new) >= SQLITE_REBUILD_COLUMNS and few_rows:
+            # One ALTER per column re-reads the whole schema each time (5 ms a column at
+            # a thousand columns): copying a small table into its wider self is faster.
+            savepoint = self.conn.begin_nested()
+            try:
+                self._rebuild_sqlite(table, real, new)
+                savepoint.commit()
+                return
+            except DBAPIError:  # e.g. a view of the user's that names the table
+                savepoint.rollback()
+        for column, type_ in new:
+            add_column(self.conn, table.name, column, type_)
+
+    def _rebuild_sqlite(
+        self,
+        table: TableInfo,
+        real: list[tuple[str, ColumnType]],
+        new: list[tuple[str, ColumnType]],
+    ) -> None:
+        """SQLite's own recipe for a change ALTER cannot make in one go: create the wider
+        table, copy the rows, drop the old one, take its name."""
+        quote = self.conn.dialect.identifier_preparer.quote
+        wider_name = f"{table.name[:50]}__wider"
+        wider = result_table(wider_name, (*real, *new)).to_metadata(MetaData())
+        wider.append_constraint(_pk(table.name))
+        wider.create(self.conn)
+        kept = ", ".join(quote(c) for c in [*(n for n, _ in SYSTEM_COLUMNS), *(n for n, _ in real)])
+        self.conn.execute(
+            text(f"INSERT INTO {quote(wider_name)} ({kept}) SELECT {kept} FROM {quote(table.name)}")
+        )
+        self.conn.execute(text(f"DROP TABLE {quote(table.name)}"))
+        self.conn.execute(text(f"ALTER TABLE {quote(wider_name)} RENAME TO {quote(table.name)}"))
 
 
 def _pk(table_name: str) -> PrimaryKeyConstraint:

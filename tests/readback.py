@@ -16,7 +16,7 @@ from sqlalchemy import Engine, MetaData, Row, Table, select
 from starlette.testclient import TestClient
 
 from receiver.cli import main
-from receiver.models import Delivery, Output, ResultColumn, ResultTable, Task
+from receiver.models import Delivery, Output, ResultColumn, ResultTable, Task, TaskEvent
 from tests.conftest import post
 
 #: A catalogued source key: the JSON path (or CSV header key) as a tuple.
@@ -128,6 +128,7 @@ def snapshot(engine: Engine) -> dict[str, Any]:
         columns = sorted(tuple(r) for r in conn.execute(select(ResultColumn.__table__)))
         outputs = sorted(tuple(r) for r in conn.execute(select(Output.__table__)))
         tasks = sorted(repr(tuple(r)) for r in conn.execute(select(Task.__table__)))
+        events = sorted(repr(tuple(r)) for r in conn.execute(select(TaskEvent.__table__)))
         statuses = sorted(
             tuple(r) for r in conn.execute(select(Delivery.id, Delivery.status, Delivery.reason))
         )
@@ -138,5 +139,6 @@ def snapshot(engine: Engine) -> dict[str, Any]:
         "contents": contents,
         "outputs": outputs,
         "tasks": tasks,
+        "events": events,
         "statuses": statuses,
     }

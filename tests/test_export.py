@@ -185,7 +185,7 @@ def test_every_dataset_reads_back_equal(client: TestClient, engine: Engine, out:
     post_items(client, engine, [{"sku": "A", "price": 1.5, "qty": 2, "ok": True}])
     report = export(engine, str(out), lag=NOW)
     counts = check_readback(engine, out)
-    assert counts["tasks"] == 8
+    assert counts["tasks"] == 7  # 11 names only 05's task id: it joins that task
     assert counts["deliveries"] == len(CASES) + 1
     assert any(n.startswith("results__") and c for n, c in counts.items())
     assert {n: r.rows for n, r in report.datasets.items()} == counts
@@ -452,4 +452,4 @@ def test_export_to_s3(client: TestClient, engine: Engine, s3: pafs.S3FileSystem)
     assert not [n for n in names if n.endswith(".tmp")]
     assert not [n for n in names if n.endswith(export_module.LOCK)]  # S3: not locked (README)
     manifest = json.loads(s3.open_input_stream("exports/run/_manifest.json").read())
-    assert manifest["runs"][0]["datasets"]["tasks"]["rows"] == 8
+    assert manifest["runs"][0]["datasets"]["tasks"]["rows"] == 7  # 11 joins 05's task

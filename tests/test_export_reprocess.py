@@ -86,7 +86,8 @@ def test_reprocessed_deliveries_read_back_as_the_database_has_them(
     extra = hook_tables(engine, "strict")[("extra",)]
     second = export(engine, str(out), lag=NOW)
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    assert rewritten(second) == {"deliveries": [today], root: [today]}  # extra: new, all of it
+    # extra: new, all of it. Like deliveries, the task tables are by delivery time.
+    assert rewritten(second) == {"deliveries": [today], root: [today], **_task_days(today)}
     assert second.datasets["deliveries"].replaced  # the first run's file, deleted
     check_readback(engine, out)
     assert exported(out, root, "_delivery_id") == sorted([(good,), (bad,)])
@@ -99,7 +100,7 @@ def test_reprocessed_deliveries_read_back_as_the_database_has_them(
     set_schema(db_url, tmp_path, STRICT)
     run_cli(db_url, "reprocess", "--hook", "strict")
     third = export(engine, str(out), lag=NOW)
-    assert set(rewritten(third)) == {"deliveries", root, extra}
+    assert set(rewritten(third)) == {"deliveries", root, extra, *_task_days(today)}
     check_readback(engine, out)  # extra has no rows left: no file either
     assert exported(out, root, "_delivery_id") == [(good,)]
     assert exported(out, "deliveries", "id, status") == statuses(engine)
@@ -153,7 +154,11 @@ def test_a_run_with_nothing_reprocessed_rewrites_nothing(
     process_delivery(engine, late.id, max_depth=5)
     fourth = export(engine, str(out), lag=NOW)
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    assert rewritten(fourth) == {"deliveries": [today], "results__items": [today]}
+    assert rewritten(fourth) == {
+        "deliveries": [today],
+        "results__items": [today],
+        **_task_days(today),
+    }
     check_readback(engine, out)
 
 
@@ -229,3 +234,8 @@ def test_a_run_that_dies_between_its_renames_and_deletions_is_completed_by_the_n
     assert len(runs) == 3  # the first, the completed one, and this one
     assert runs[1]["datasets"]["deliveries"]["replaced"]
     assert not [p for p in parquet_files(out) if p.endswith(".tmp")]
+
+
+def _task_days(today: str) -> dict[str, list[str]]:
+    """The task datasets kept by delivery time, rewritten like ``deliveries``."""
+    return {name: [today] for name in ("task_events", "task_files", "task_network")}

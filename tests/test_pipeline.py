@@ -15,11 +15,12 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, event, insert, select, text
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 from receiver.db import utcnow, write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook, Output, Task
-from receiver.pipeline import HELD_BYTES, Pipeline, process_deliveries
+from receiver.pipeline import HELD_BYTES, Pipeline, _failure, process_deliveries
 from tests.conftest import DELIVERIES
 from tests.readback import column_map, hook_tables, raw_rows
 from tests.test_results import csv_tables
@@ -75,7 +76,7 @@ def test_a_batch_quarantines_one_and_processes_the_rest(engine: Engine) -> None:
     assert reason is not None
     assert reason.startswith("invalid JSON")
     with engine.connect() as conn:
-        assert sorted(conn.scalars(select(Task.task_id))) == ["t2", "task_xyz789"]
+        assert sorted(conn.scalars(select(Task.task_id)).all(), key=str) == ["t2", "task_xyz789"]
 
 
 def test_reprocessing_a_batch_changes_nothing(engine: Engine) -> None:
@@ -374,3 +375,26 @@ def test_bodies_in_hand_are_released_when_processing_fails(engine: Engine) -> No
     finally:
         pipeline.stop()
     assert seen == [(ghost.id, "failed")]
+
+
+@pytest.mark.parametrize(
+    ("error", "says"),
+    [
+        pytest.param(
+            OperationalError("INSERT", {}, Exception("too many columns on t")),
+            "more fields than a sqlite table can hold",
+            id="too-wide",
+        ),
+        pytest.param(
+            IntegrityError("INSERT", {}, Exception("constraint failed")),
+            "receiver's log has the details under delivery d-1",
+            id="refused",
+        ),
+        pytest.param(ZeroDivisionError("x"), "internal error", id="bug"),
+    ],
+)
+def test_failure_reasons_are_sentences_not_driver_errors(error: Exception, says: str) -> None:
+    reason = _failure(error, "d-1", "sqlite")
+    assert says in reason
+    assert "INSERT" not in reason  # never the statement or the driver's text
+    assert "constraint failed" not in reason

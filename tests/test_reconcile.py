@@ -73,11 +73,13 @@ def until(
 ) -> None:
     """Run passes (and let the pipeline finish) until ``done()``; generous deadline."""
     deadline = time.monotonic() + timeout
+    pipeline = client.app.state.pipeline  # type: ignore[attr-defined]
     while not done():
         assert time.monotonic() < deadline, "not reconciled in time"
         reconciler.run_once()
-        client.app.state.pipeline.join()  # type: ignore[attr-defined]
+        pipeline.join()
         time.sleep(0.05)
+    pipeline.join()  # a pass before this call may have fetched what ``done`` saw
 
 
 def state(engine: Engine, run_id: str) -> str:

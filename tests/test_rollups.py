@@ -37,11 +37,19 @@ def labels_for(name: str) -> str:
     return LABELS.get(name, f"project={'alpha' if number % 2 else 'beta'}&team=t{number % 3}")
 
 
+#: 11 reuses 05's example task id without its session: posted together, a bare task id
+#: joins the one task that has it (the README's "One task, one row"), so 11 gets its own.
+RETASKED = {"11-websocket-shape-cost-in-data": ("x9y8z7w6v5u4", "ws-x9y8z7w6v5u4")}
+
+
 def post_catalogue(client: TestClient) -> None:
     """Every case once, and the first case again (a redelivery, which must not count)."""
     for stem in [*CASES, CASES[0]]:
         case = json.loads(stem.with_suffix(".json").read_text())
         body = stem.with_suffix(".body").read_bytes()
+        if stem.name in RETASKED:
+            old, new = RETASKED[stem.name]
+            body = body.replace(old.encode(), new.encode())
         post(client, "catalogue", body, case["content_type"], query=labels_for(stem.name))
 
 
@@ -52,7 +60,8 @@ def expected_tasks() -> dict[tuple[Any, str], dict[str, Any]]:
         task = json.loads(stem.with_suffix(".json").read_text())["expect"]["task"]
         if task is None:
             continue
-        key = (task.get("session_id", stem.name), task["task_id"])
+        task_id = RETASKED.get(stem.name, (None, task["task_id"]))[1]
+        key = (task.get("session_id", stem.name), task_id)
         merged = tasks.setdefault(key, {"cost_usd": None, "status": None, "labels": ""})
         for field in ("cost_usd", "status"):
             if task.get(field) is not None:
@@ -324,8 +333,10 @@ def expected_rollup(engine: Engine, view: str) -> dict[tuple[Any, ...], dict[str
     """``view`` computed here from the tasks themselves: exact sums, None when none known."""
     _, keys_of = _ROLLUPS[view]
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    # The columns every revision since 0002 has (older revisions are tested too).
+    columns = [c for c in Task.__table__.c if c.name != "usage_status"]
     with engine.connect() as conn:
-        tasks = conn.execute(select(Task)).all()
+        tasks = conn.execute(select(*columns)).all()
     for t in tasks:
         for key in keys_of(t):
             group = groups.setdefault(key, {"tasks": 0, "tasks_unknown_cost": 0})

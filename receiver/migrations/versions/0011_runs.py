@@ -6,7 +6,7 @@ a delivery). The reconciler polls WebRun for those past ``expected_by`` with
 no final delivery. ``config`` never holds the task config's ``secrets``.
 
 Revision ID: 0011
-Revises: 0007
+Revises: 0009 (0007 on its own branch; re-chained after merging issue-13)
 Create Date: 2026-12-03 13:40:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0011"
-down_revision = "0007"
+down_revision = "0009"
 branch_labels = None
 depends_on = None
 
