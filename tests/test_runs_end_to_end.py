@@ -18,7 +18,7 @@ import pytest
 from sqlalchemy import Engine, MetaData, Table, func, select
 
 from receiver.fakewebrun import FakeWebRun
-from receiver.models import Run, RunState, Task
+from receiver.models import Delivery, Run, RunState, Task
 from receiver.runs import RunInfo, launch
 from receiver.settings import Settings
 from receiver.webrun import WebRunClient
@@ -62,11 +62,17 @@ def configs() -> list[tuple[str, str, dict[str, Any]]]:
 
 
 def wait_until_final(engine: Engine, timeout: float) -> list[Any]:
+    """Every run settled and every delivery processed (a run is marked reconciled as soon
+    as its answer is committed, before the pipeline has processed it)."""
     deadline = time.monotonic() + timeout
     while True:
         with engine.connect() as conn:
             runs = list(conn.execute(select(Run.__table__)).all())
-        if all(r.state != RunState.LAUNCHED for r in runs) or time.monotonic() > deadline:
+            waiting = conn.scalar(
+                select(func.count()).select_from(Delivery).where(Delivery.status == "stored")
+            )
+        settled = all(r.state != RunState.LAUNCHED for r in runs) and waiting == 0
+        if settled or time.monotonic() > deadline:
             return runs
         time.sleep(0.25)
 
