@@ -34,7 +34,7 @@ from receiver.db import utcnow
 from receiver.errors import ReceiverError, WebRunError
 from receiver.ledger import RawDelivery, Recorded, new_delivery_id
 from receiver.models import Run, RunState, Task
-from receiver.runs import MAX_DURATION_MS, webhook_query
+from receiver.runs import MAX_DURATION_MS, tracked_row, webhook_query
 from receiver.settings import Settings
 from receiver.webrun import WebRunClient
 
@@ -133,11 +133,13 @@ class Reconciler:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop after the current pass, without waiting on polls WebRun is slow to answer:
+        a run whose answer was not recorded is polled again after the next start."""
         self._stop.set()
+        self._pool.shutdown(wait=False, cancel_futures=True)
         if self._thread is not None:
-            self._thread.join(60)
+            self._thread.join(5)
             self._thread = None
-        self._pool.shutdown(wait=True)
 
     def _loop(self) -> None:
         while not self._stop.is_set():
@@ -190,22 +192,18 @@ class Reconciler:
                 labels = {k: v for k, v in json.loads(row.labels).items() if isinstance(v, str)}
                 conn.execute(
                     insert(Run).values(
-                        id=new_delivery_id(),
-                        hook=row.hook,
-                        created_at=now,
-                        origin="tracked",
-                        config=None,
-                        submitted_data=None,
-                        labels=json.dumps(labels, ensure_ascii=False),
-                        session_id=row.session_id,
-                        task_id=row.task_id,
-                        expected_by=expected,
-                        # A delivery came, so the task has ended: no need to wait.
-                        next_check_at=None if done else now,
-                        state=RunState.DELIVERED if done else RunState.LAUNCHED,
-                        attempts=0,
-                        last_error=None,
-                        updated_at=now,
+                        tracked_row(
+                            new_delivery_id(),
+                            row.hook,
+                            row.session_id,
+                            row.task_id,
+                            expected,
+                            now,
+                            labels=labels,
+                            state=RunState.DELIVERED if done else RunState.LAUNCHED,
+                            # A delivery came, so the task has ended: no need to wait.
+                            next_check_at=now,
+                        )
                     )
                 )
         return len(rows)

@@ -10,8 +10,9 @@ values never reach a table, a log line or an export.
 
 Example (against the fake WebRun of `receiver.fakewebrun`)::
 
-    from receiver.runs import launch
-    run = launch(engine, settings, client, hook="shop", config={"taskDetails": "..."})
+    from receiver.runs import launch, run_token
+    token = run_token(engine, settings, "shop")
+    run = launch(engine, settings, client, hook="shop", config={"taskDetails": "..."}, token=token)
     print(run.id, run.session_id, run.task_id, run.state)
 """
 
@@ -252,7 +253,7 @@ def track(
             expected_by = (created_at or now) + dt.timedelta(milliseconds=max_duration_ms) + grace
             conn.execute(
                 insert(Run).values(
-                    _tracked_row(existing, hook, session_id, task_id, expected_by, now)
+                    tracked_row(existing, hook, session_id, task_id, expected_by, now)
                 )
             )
     found = show(engine, existing)
@@ -260,14 +261,19 @@ def track(
     return found
 
 
-def _tracked_row(
+def tracked_row(
     run_id: str,
     hook: str,
     session_id: str | None,
     task_id: str,
     expected_by: dt.datetime,
     now: dt.datetime,
+    *,
+    labels: Mapping[str, str] | None = None,
+    state: RunState = RunState.LAUNCHED,
+    next_check_at: dt.datetime | None = None,
 ) -> dict[str, Any]:
+    """The ``runs`` row of a task launched elsewhere; due at ``expected_by`` unless told."""
     return {
         "id": run_id,
         "hook": hook,
@@ -275,12 +281,12 @@ def _tracked_row(
         "origin": "tracked",
         "config": None,
         "submitted_data": None,
-        "labels": "{}",
+        "labels": json.dumps(dict(labels or {}), ensure_ascii=False),
         "session_id": session_id,
         "task_id": task_id,
         "expected_by": expected_by,
-        "next_check_at": expected_by,
-        "state": RunState.LAUNCHED,
+        "next_check_at": (next_check_at or expected_by) if state == RunState.LAUNCHED else None,
+        "state": state,
         "attempts": 0,
         "last_error": None,
         "updated_at": now,
