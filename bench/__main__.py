@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import export, ingest, large_results, rollups
+from bench import export, ingest, large_results, reconcile, rollups
 from bench.databases import fresh_database, seed_tasks
 from bench.load import require_wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURES = ("ingest", "large", "export", "rollups")
+FIGURES = ("ingest", "large", "export", "rollups", "reconcile")
 
 
 def machine() -> dict[str, Any]:
@@ -155,6 +155,15 @@ def table(results: dict[str, Any]) -> str:
                 f" | bare GROUP BY {r.get(bare)} s; CLI start {r['cli_startup_s']} s"
                 " | - | < 1 s |"
             )
+    for key, r in results.get("reconcile", {}).items():
+        dialect, variant = key.split("/")
+        p, v = r["plain"], r["reconciling"]
+        lines.append(
+            f"| ingest deliveries/s, reconciling ({variant} WebRun: {r['polls_per_s']} polls/s,"
+            f" {r['poll_delay_s']} s each) | {dialect} | {v['deliveries_per_s']}"
+            f" (p99 {v['p99_ms']:.0f} ms) | {p['deliveries_per_s']} (p99 {p['p99_ms']:.0f} ms,"
+            f" no WebRun) | {r['ratio']} | >= 0.9 |"
+        )
     return "\n".join(lines)
 
 
@@ -172,7 +181,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=5, help="large deliveries per kind")
     args = parser.parse_args()
-    if "ingest" in args.only:
+    if {"ingest", "reconcile"} & set(args.only):
         require_wrk()
     logs = RESULTS / "logs"
     results: dict[str, Any] = {
@@ -188,6 +197,11 @@ def main() -> None:
     if "large" in args.only:
         print("large results ...", flush=True)
         results["large"] = large_results.run(args.db, logs, args.repeats)
+    if "reconcile" in args.only:
+        print("ingest while reconciling ...", flush=True)
+        results["reconcile"] = reconcile.run(
+            args.db, args.connections, args.seconds, logs, args.rounds
+        )
     if {"export", "rollups"} & set(args.only):
         print("export and rollups ...", flush=True)
         exports, costs = analytics(args.db, sorted(args.sizes))

@@ -6,7 +6,7 @@ import contextlib
 import gc
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine
 from starlette.applications import Starlette
@@ -29,6 +29,9 @@ from receiver.pipeline import Pipeline
 from receiver.retention import RetentionWorker
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
+
+if TYPE_CHECKING:
+    from receiver.reconcile import Reconciler
 
 
 def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
@@ -85,6 +88,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
                 lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
             ),
         },
+        reconciler=lambda: getattr(app.state, "reconciler", None),
     )
     pipeline = Pipeline(
         engine,
@@ -112,6 +116,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     limits = ConnectionLimits(
         settings.max_connections or default_max_connections(), settings.head_timeout_seconds
     )
+    # Only with RECEIVER_WEBRUN_URL set: otherwise no outbound call at all.
+    reconciler = reconciler_for(settings, engine, ledger, metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
@@ -122,6 +128,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         drainer.start()  # deliveries spooled before a crash or restart go in first
         if retention is not None:
             retention.start()
+        if reconciler is not None:
+            reconciler.start()
         try:
             # uvicorn hands this state to every connection (receiver.connections).
             yield {LIMITS_KEY: limits}
@@ -129,6 +137,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             if retention is not None:
                 retention.stop()
             # uvicorn has let in-flight requests finish; commit what is queued, then process it.
+            if reconciler is not None:
+                reconciler.stop()
+                reconciler.client.close()
             drainer.stop()
             ledger.stop()
             pipeline.stop()
@@ -176,11 +187,26 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.hook_limit = hook_limit
     # /readyz fails while one of these is not running (receiver.workers).
     app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
+    app.state.reconciler = reconciler
     app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
     app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
     app.state.deadlines = Deadlines()
     app.state.authenticator = Authenticator(engine, settings.tokens, settings.auth_cache_seconds)
     return app
+
+
+def reconciler_for(
+    settings: Settings, engine: Engine, ledger: Ledger, metrics: Metrics | None = None
+) -> Reconciler | None:
+    """The reconciler `serve` runs beside ingest, or None when RECEIVER_WEBRUN_URL is unset."""
+    if settings.webrun_url is None:
+        return None
+    from receiver.reconcile import Reconciler
+    from receiver.webrun import WebRunClient
+
+    on_call = metrics.reconcile_call if metrics is not None else None
+    client = WebRunClient.from_settings(settings)
+    return Reconciler(engine, settings, client, ledger.record_sync, on_call=on_call)
 
 
 def observed(

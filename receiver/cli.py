@@ -533,5 +533,12 @@ def export_command(
         click.echo(json.dumps({"until": report.until.isoformat(), "rows": summary}))
 
 
+# WebRun runs and reconciliation (receiver.runs_cli): imported last, it uses the helpers above.
+from receiver.runs_cli import reconcile, run, runs  # noqa: E402
+
+main.add_command(run)
+main.add_command(runs)
+main.add_command(reconcile)
+
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -7,7 +7,8 @@ ReceiverError
 ├── SpoolCorrupt      a spool file is not a complete, intact delivery (moved aside, kept)
 ├── SchemaOutOfDate   the database is behind the migrations (``receiver db upgrade``)
 ├── SettingsError     a ``RECEIVER_*`` variable has a value the receiver cannot use
-└── DestinationBusy   another export to the same folder is running (``receiver export``)
+├── DestinationBusy   another export to the same folder is running (``receiver export``)
+└── WebRunError       WebRun's API refused or did not answer a call (``receiver run``, reconcile)
 """
 
 from __future__ import annotations
@@ -47,3 +48,12 @@ class SpoolCorrupt(ReceiverError):
 
 class DestinationBusy(ReceiverError):
     """Another export to the same destination holds its lock."""
+
+
+class WebRunError(ReceiverError):
+    """A WebRun API call failed: ``status`` is the HTTP status (None: no answer at all)."""
+
+    def __init__(self, message: str, status: int | None = None, retry_after: float | None = None):
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after

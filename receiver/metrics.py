@@ -120,11 +120,44 @@ class ScrapedCollector(Collector):
                 yield GaugeMetricFamily(name, text, value=float(read()))
 
 
+class RunsCollector(Collector):
+    """Runs by state and the oldest overdue run's age, from the reconciler's last pass.
+
+    Read from memory, never from the database: a scrape must not wait on it.
+    """
+
+    def __init__(self, reconciler: Callable[[], Any]) -> None:
+        self.reconciler = reconciler
+
+    def describe(self) -> Iterable[Metric]:
+        yield GaugeMetricFamily("receiver_runs", "", labels=["state"])
+        yield GaugeMetricFamily("receiver_runs_oldest_overdue_seconds", "")
+
+    def collect(self) -> Iterable[Metric]:
+        snapshot = getattr(self.reconciler(), "snapshot", None)
+        runs = GaugeMetricFamily(
+            "receiver_runs",
+            "WebRun runs by state (launched, delivered, reconciled, lost, launch_failed).",
+            labels=["state"],
+        )
+        for state, count in sorted(getattr(snapshot, "by_state", {}).items()):
+            runs.add_metric([state], float(count))
+        yield runs
+        yield GaugeMetricFamily(
+            "receiver_runs_oldest_overdue_seconds",
+            "How long the oldest launched run has been past its expected_by (0: none).",
+            value=float(getattr(snapshot, "oldest_overdue_seconds", 0.0)),
+        )
+
+
 class Metrics:
     """The receiver's counters; one per app, so tests and apps never share state."""
 
     def __init__(
-        self, spool: Callable[[], Any] = lambda: None, scraped: Scraped | None = None
+        self,
+        spool: Callable[[], Any] = lambda: None,
+        scraped: Scraped | None = None,
+        reconciler: Callable[[], Any] = lambda: None,
     ) -> None:
         self._multiproc = multiprocess_dir()
         # In multiprocess mode values live in files; the metrics must not sit in the
@@ -133,9 +166,11 @@ class Metrics:
         own = None if self._multiproc else self.registry
         self._spool = SpoolCollector(spool)
         self._scraped = ScrapedCollector(scraped or {})
+        self._runs = RunsCollector(reconciler)
         if not self._multiproc:
             self.registry.register(self._spool)
             self.registry.register(self._scraped)
+            self.registry.register(self._runs)
         self.received = Counter(
             "receiver_deliveries_received", "POSTs to /hooks/{name}.", registry=own
         )
@@ -184,6 +219,13 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=own,
         )
+        self.reconcile_calls = Counter(
+            "receiver_reconcile_calls",
+            "Polls of WebRun by the reconciler, by outcome (final, running, not_found, lost,"
+            " throttled, unavailable, refused, error).",
+            ["outcome"],
+            registry=own,
+        )
         self._lock = threading.Lock()
         self._awaiting: set[str] = set()
         self._early: OrderedDict[str, str] = OrderedDict()
@@ -227,6 +269,10 @@ class Metrics:
         if mine:
             self._count_final(outcome)
 
+    def reconcile_call(self, outcome: str) -> None:
+        """Count one poll of WebRun by the reconciler."""
+        self.reconcile_calls.labels(outcome).inc()
+
     def _count_final(self, outcome: str) -> None:
         # A delivery that failed to process is still stored (retried on reprocess).
         (self.quarantined if outcome == "quarantined" else self.stored).inc()
@@ -238,5 +284,6 @@ class Metrics:
             MultiProcessCollector(registry, path=self._multiproc)  # type: ignore[no-untyped-call]
             registry.register(self._spool)
             registry.register(self._scraped)  # this worker's own
+            registry.register(self._runs)
             return generate_latest(registry), CONTENT_TYPE_LATEST
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -6,6 +6,7 @@ Result tables (one per hook and nested list) are dynamic and live in `schema`.
 from __future__ import annotations
 
 import datetime as dt
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -336,3 +337,48 @@ class RollupLabelDelta(RollupMeasures, Base):
     status_key: Mapped[str] = mapped_column(Text)
     label_key: Mapped[str] = mapped_column(Text)
     label_value_key: Mapped[str] = mapped_column(Text)
+
+
+class RunState(StrEnum):
+    """Where a run stands. Only ``launched`` runs are reconciled; the rest are final."""
+
+    #: Created at WebRun (or tracked); no final record with a cost has arrived yet.
+    LAUNCHED = "launched"
+    #: Its webhook brought the final record.
+    DELIVERED = "delivered"
+    #: Its final record was fetched from WebRun (the webhook never came, or carried no cost).
+    RECONCILED = "reconciled"
+    #: WebRun kept answering 404: it does not know the task.
+    LOST = "lost"
+    #: WebRun refused to create it (``last_error`` says why).
+    LAUNCH_FAILED = "launch_failed"
+
+
+class Run(Base):
+    """A WebRun task the receiver launched (`receiver run`) or tracks; `receiver.runs`.
+
+    ``config`` is the task config as sent, but never its ``secrets``.
+    """
+
+    __tablename__ = "runs"
+    __table_args__ = (
+        Index("ix_runs_session_id_task_id", "session_id", "task_id"),
+        Index("ix_runs_state_next_check_at", "state", "next_check_at"),
+    )
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    hook: Mapped[str] = mapped_column(String(128), index=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)
+    #: ``launched`` (by `receiver run`) or ``tracked`` (launched elsewhere).
+    origin: Mapped[str] = mapped_column(String(16))
+    config: Mapped[str | None] = mapped_column(Text)
+    submitted_data: Mapped[str | None] = mapped_column(String(16))
+    labels: Mapped[str] = mapped_column(Text)
+    session_id: Mapped[str | None] = mapped_column(Text)
+    task_id: Mapped[str | None] = mapped_column(Text)
+    expected_by: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    next_check_at: Mapped[dt.datetime | None] = mapped_column(UtcDateTime)
+    state: Mapped[str] = mapped_column(String(16))
+    attempts: Mapped[int] = mapped_column(Integer)
+    last_error: Mapped[str | None] = mapped_column(Text)
+    updated_at: Mapped[dt.datetime] = mapped_column(UtcDateTime)

@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError
 
 from receiver.attachments import file_rows, network_rows
 from receiver.classify import Envelope, Kind, OutputType, classify
+from receiver.correlation import correlate
 from receiver.db import utcnow, write_transaction
 from receiver.encodings import decode_body
 from receiver.errors import Quarantine
@@ -278,6 +279,8 @@ class _Writes:
         self.outputs: list[dict[str, Any]] = []
         self.results = HeldInserts()
         self.processed: list[dict[str, Any]] = []
+        #: (hook, session_id, task_id) of the outputs held: one output per task.
+        self.task_outputs: set[tuple[str, str | None, str]] = set()
 
     def flush(self, conn: Connection) -> None:
         if self.events:
@@ -295,6 +298,7 @@ class _Writes:
             conn.execute(_MARK_PROCESSED, self.processed)
         self.events, self.files, self.network = [], [], []
         self.outputs, self.processed = [], []
+        self.task_outputs = set()
 
 
 def _failure(exc: BaseException, delivery_id: str, dialect: str) -> str:
@@ -366,10 +370,11 @@ def _quarantine_output(
     try:
         if rerun:
             delete_derived(conn, delivery.id, delivery.hook)
+        labels = correlate(conn, json.loads(delivery.labels))
         event = event_row(
             envelope,
             hook=delivery.hook,
-            labels=json.loads(delivery.labels),
+            labels=labels,
             delivery_id=delivery.id,
             received_at=delivery.received_at,
         )
@@ -378,7 +383,7 @@ def _quarantine_output(
             writes.events.append(event)
             _attachments(envelope, delivery, writes)
             writes.flush(conn)
-        session_id, task_id = task_ids(envelope, json.loads(delivery.labels))
+        session_id, task_id = task_ids(envelope, labels)
         conn.execute(
             update(Delivery)
             .where(Delivery.id == delivery.id)
@@ -432,6 +437,38 @@ def _attachments(envelope: Envelope, delivery: Row[Any], writes: _Writes) -> Non
         writes.network += network_rows(envelope.extra["network"], **where)
 
 
+def _replace_task_output(
+    conn: Connection, delivery: Row[Any], session_id: str | None, task_id: str, writes: _Writes
+) -> None:
+    """A task has one output: one from another delivery (a webhook, then the same result
+    fetched by the reconciler) is removed, so the task's result rows are replaced, not doubled.
+
+    Two deliveries of one task in a batch written without savepoints would both
+    be held: the batch is redone one delivery at a time (`_Isolate`).
+    """
+    key = (delivery.hook, session_id, task_id)
+    if key in writes.task_outputs:
+        raise _Isolate
+    writes.task_outputs.add(key)
+    same_session = (
+        Output.session_id.is_(None) if session_id is None else Output.session_id == session_id
+    )
+    others = conn.scalars(
+        select(Output.delivery_id).where(
+            Output.task_id == task_id,
+            same_session,
+            Output.hook == delivery.hook,
+            Output.delivery_id != delivery.id,
+        )
+    ).all()
+    if others:
+        # Only the output and its rows: what the other delivery said of the task (its
+        # usage, its cost) still counts.
+        conn.execute(delete(Output).where(Output.delivery_id.in_(others)))
+        for other in others:
+            delete_results(conn, other, delivery.hook)
+
+
 def _replace_derived(
     conn: Connection,
     delivery: Row[Any],
@@ -444,7 +481,7 @@ def _replace_derived(
     """Derive what ``delivery`` gives into ``writes``; only a rerun's deletes go at once."""
     if rerun:
         delete_derived(conn, delivery.id, delivery.hook)
-    labels: dict[str, str] = json.loads(delivery.labels)
+    labels = correlate(conn, json.loads(delivery.labels))
     event = event_row(
         envelope,
         hook=delivery.hook,
@@ -460,6 +497,8 @@ def _replace_derived(
     if output is not None:
         if "\x00" in output.text and conn.dialect.name == "postgresql":
             raise Quarantine("the output contains NUL, which PostgreSQL text cannot hold")
+        if task_id is not None:
+            _replace_task_output(conn, delivery, session_id, task_id, writes)
         writes.outputs.append(
             {
                 "delivery_id": delivery.id,

@@ -89,6 +89,48 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
         "true",
         "`false`: only hooks made by `receiver hooks add` receive deliveries (others 404).",
     ),
+    (
+        "RECEIVER_WEBRUN_URL",
+        "(none)",
+        "WebRun's API base (`https://...`). Unset: no outbound call at all (no `run`, no"
+        " reconciliation).",
+    ),
+    (
+        "RECEIVER_WEBRUN_API_KEY",
+        "(none)",
+        "WebRun API key, sent as `Authorization: Bearer`; never logged or stored.",
+    ),
+    (
+        "RECEIVER_PUBLIC_URL",
+        "http://127.0.0.1:8000",
+        "Where WebRun reaches this receiver: `receiver run` writes webhook URLs under it.",
+    ),
+    (
+        "RECEIVER_RECONCILE_GRACE_SECONDS",
+        "60",
+        "A run is overdue (and polled) this long after creation + `maxDuration`.",
+    ),
+    (
+        "RECEIVER_RECONCILE_INTERVAL_SECONDS",
+        "5",
+        "How often the reconciler looks for due runs; also the first backoff step.",
+    ),
+    (
+        "RECEIVER_WEBRUN_CONCURRENCY",
+        "4",
+        "Most outbound WebRun requests in flight at once.",
+    ),
+    (
+        "RECEIVER_WEBRUN_RATE",
+        "5",
+        "Most outbound WebRun poll requests a second (task creations also wait for WebRun's"
+        " 10 a minute).",
+    ),
+    (
+        "RECEIVER_WEBRUN_TIMEOUT_SECONDS",
+        "60",
+        "Timeout of one outbound WebRun request (run-task may hold 50 s for the result).",
+    ),
 )
 
 
@@ -112,6 +154,15 @@ class Settings:
     memory_budget_bytes: int = DEFAULT_MEMORY_BUDGET_BYTES
     max_hooks: int = 1000
     create_hooks: bool = True
+    webrun_url: str | None = None
+    #: Never logged or stored: `repr` leaves it out.
+    webrun_api_key: str | None = field(default=None, repr=False)
+    public_url: str = "http://127.0.0.1:8000"
+    reconcile_grace_seconds: float = 60.0
+    reconcile_interval_seconds: float = 5.0
+    webrun_concurrency: int = 4
+    webrun_rate: float = 5.0
+    webrun_timeout_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -154,6 +205,16 @@ class Settings:
             memory_budget_bytes=_number(
                 env, "RECEIVER_MEMORY_BUDGET_BYTES", DEFAULT_MEMORY_BUDGET_BYTES, int
             ),
+            webrun_url=env.get("RECEIVER_WEBRUN_URL") or None,
+            webrun_api_key=env.get("RECEIVER_WEBRUN_API_KEY") or None,
+            public_url=env.get("RECEIVER_PUBLIC_URL") or "http://127.0.0.1:8000",
+            reconcile_grace_seconds=_number(env, "RECEIVER_RECONCILE_GRACE_SECONDS", 60.0, float),
+            reconcile_interval_seconds=_number(
+                env, "RECEIVER_RECONCILE_INTERVAL_SECONDS", 5.0, float
+            ),
+            webrun_concurrency=_number(env, "RECEIVER_WEBRUN_CONCURRENCY", 4, int),
+            webrun_rate=_number(env, "RECEIVER_WEBRUN_RATE", 5.0, float),
+            webrun_timeout_seconds=_number(env, "RECEIVER_WEBRUN_TIMEOUT_SECONDS", 60.0, float),
         )
 
 

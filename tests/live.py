@@ -42,11 +42,14 @@ class ServerProcess:
         data_dir: Path,
         *,
         max_body_bytes: int | None = None,
+        port: int | None = None,
         env: dict[str, str] | None = None,
         stderr: int | None = None,
         open_files: int | None = None,
     ) -> None:
-        self.port = free_port()
+        #: A port kept across restarts (a URL WebRun was given), else a free one each start.
+        self.fixed_port = port
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.data_dir = data_dir
         self.log_path = data_dir / f"server-{self.port}.log"
@@ -67,7 +70,7 @@ class ServerProcess:
 
     def start(self, timeout: float = 30.0) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = free_port()  # a restart may not get the old port back at once
+        self.port = self.fixed_port or free_port()  # a restart may not get the old port back
         self.url = f"http://127.0.0.1:{self.port}"
         limit = self.open_files
 

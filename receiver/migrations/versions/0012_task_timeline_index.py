@@ -6,7 +6,7 @@ the deliveries. Partial (``task_id IS NOT NULL``), so the ingest path, which
 writes deliveries before they are classified, never touches it.
 
 Revision ID: 0012
-Revises: 0010
+Revises: 0011
 Create Date: 2026-12-03 13:30:00
 """
 
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0012"
-down_revision = "0010"
+down_revision = "0011"
 branch_labels = None
 depends_on = None
 
