@@ -29,6 +29,7 @@ from receiver.pipeline import Pipeline
 from receiver.retention import RetentionWorker
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
+from receiver.states import DeliveryStatus
 
 if TYPE_CHECKING:
     from receiver.reconcile import Reconciler
@@ -100,7 +101,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
 
     def committed(deliveries: Sequence[RawDelivery], results: list[Recorded]) -> None:
         stored = zip(deliveries, results, strict=True)
-        pipeline.submit_committed(d for d, r in stored if r.status == "stored")
+        pipeline.submit_committed(d for d, r in stored if r.status == DeliveryStatus.STORED)
 
     ledger = Ledger(engine, on_committed=committed)
     spool = Spool(settings.data_dir / "spool")

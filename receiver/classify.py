@@ -67,7 +67,7 @@ class Usage:
 
 
 @dataclass(frozen=True)
-class Output:
+class AgentOutput:
     """The agent's output: ``text`` as delivered (markdown, JSON text, CSV text)."""
 
     type: OutputType
@@ -87,7 +87,7 @@ class Envelope:
     error_code: str | None = None
     guardrail_type: str | None = None
     guardrail_value: str | None = None
-    output: Output | None = None
+    output: AgentOutput | None = None
     #: Parts of the record with no column of their own (``data.files``, ``data.network``...).
     extra: dict[str, JsonValue] = field(default_factory=dict)
 
@@ -303,7 +303,7 @@ def _task_record(outer: dict[str, JsonValue], expected: OutputType | None) -> En
 
 def _text_output(
     text: str, expected: OutputType | None, is_csv_media: bool, *, json_allowed: bool = False
-) -> Output:
+) -> AgentOutput:
     """Decide what a text output is: JSON text (in ``data.message``), CSV, or markdown."""
     if json_allowed and (expected in (None, OutputType.JSON)) and text.lstrip()[:1] in ("{", "["):
         try:
@@ -311,14 +311,14 @@ def _text_output(
         except (ValueError, RecursionError):
             pass
     if expected == OutputType.CSV or is_csv_media or (expected is None and looks_like_csv(text)):
-        return Output(OutputType.CSV, text)
-    return Output(OutputType.TEXT, text)
+        return AgentOutput(OutputType.CSV, text)
+    return AgentOutput(OutputType.TEXT, text)
 
 
-def _json_output(value: JsonValue, text: str | None = None) -> Output:
+def _json_output(value: JsonValue, text: str | None = None) -> AgentOutput:
     if text is None:
         text = json.dumps(value, ensure_ascii=False)
-    return Output(OutputType.JSON, text, value)
+    return AgentOutput(OutputType.JSON, text, value)
 
 
 def _obj(value: JsonValue) -> dict[str, JsonValue]:

@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from receiver.states import DeliveryStatus
+
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
@@ -165,7 +167,7 @@ def deliveries() -> None:
 @deliveries.command("list")
 @click.option(
     "--status",
-    type=click.Choice(["stored", "processed", "duplicate", "quarantined"]),
+    type=click.Choice([s.value for s in DeliveryStatus]),
     help="only deliveries in this state",
 )
 @click.option("--hook", help="only this hook's deliveries")
@@ -198,7 +200,7 @@ def deliveries_list(
         pair = (key, value)
     where = listings.DeliveryFilter(
         hook=hook,
-        status=listings.DeliveryStatus(status) if status else None,
+        status=DeliveryStatus(status) if status else None,
         kind=kind,
         task_id=task_id,
         label=pair,

@@ -33,6 +33,7 @@ from receiver.db import driver_time, is_sqlite, paramstyle, utcnow
 from receiver.deadlines import Timeout
 from receiver.errors import LedgerUnavailable
 from receiver.memory import closes_after
+from receiver.states import DeliveryStatus
 from receiver.workers import QueueWorker
 
 log = logging.getLogger("receiver.ledger")
@@ -188,27 +189,30 @@ def write_deliveries(
     inserted = _insert_new(
         engine,
         cursor,
-        [(*r, d.dedupe_key, None, "stored") for d, r in zip(deliveries, rows, strict=True)],
+        [
+            (*r, d.dedupe_key, None, DeliveryStatus.STORED.value)
+            for d, r in zip(deliveries, rows, strict=True)
+        ],
     )
     results: list[Recorded] = []
     for d, common in zip(deliveries, rows, strict=True):
         if d.id in inserted:
-            results.append(Recorded(d.id, "stored"))
+            results.append(Recorded(d.id, DeliveryStatus.STORED))
             continue
         cursor.execute(sql_id, (d.id,))
         existing = cursor.fetchone()
         if existing is not None:
             status, duplicate_of = existing
-            if status == "duplicate":
-                results.append(Recorded(d.id, "duplicate", duplicate_of))
+            if status == DeliveryStatus.DUPLICATE:
+                results.append(Recorded(d.id, DeliveryStatus.DUPLICATE, duplicate_of))
             else:
-                results.append(Recorded(d.id, "stored"))
+                results.append(Recorded(d.id, DeliveryStatus.STORED))
             continue
         cursor.execute(sql_find, (d.dedupe_key,))
         row = cursor.fetchone()
         first = row[0] if row else None
-        cursor.execute(sql_dup, (*common, None, first, "duplicate"))
-        results.append(Recorded(d.id, "duplicate", first))
+        cursor.execute(sql_dup, (*common, None, first, DeliveryStatus.DUPLICATE.value))
+        results.append(Recorded(d.id, DeliveryStatus.DUPLICATE, first))
     return results
 
 

@@ -12,7 +12,6 @@ import datetime as dt
 import json
 import re
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -32,18 +31,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 from receiver.columns import ColumnType
 from receiver.models import Delivery, Output, ResultColumn, ResultTable, Task
 from receiver.schema import result_table
+from receiver.states import DeliveryStatus
 
 #: A row of a listing, read by column name.
 Record = Row[*tuple[Any, ...]]
-
-
-class DeliveryStatus(StrEnum):
-    """Where a delivery is in its life: committed, then processed or quarantined (or a copy)."""
-
-    STORED = "stored"
-    PROCESSED = "processed"
-    QUARANTINED = "quarantined"
-    DUPLICATE = "duplicate"
 
 
 class NotFound(LookupError):

@@ -38,6 +38,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from receiver.states import DeliveryStatus
+
 #: The environment variable prometheus_client itself reads at import time.
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -238,11 +240,11 @@ class Metrics:
         self.latency.observe(seconds)
         if http_status != 200 or status is None:
             self.rejected.labels(REJECT_REASONS.get(http_status, OTHER_REASON)).inc()
-        elif status == "duplicate":
+        elif status == DeliveryStatus.DUPLICATE:
             self.duplicate.inc()
         elif status == "spooled":
             self.spooled.inc()
-        elif status == "stored" and delivery_id is not None:
+        elif status == DeliveryStatus.STORED and delivery_id is not None:
             with self._lock:
                 early = self._early.pop(delivery_id, None)
                 if early is None:
@@ -275,7 +277,7 @@ class Metrics:
 
     def _count_final(self, outcome: str) -> None:
         # A delivery that failed to process is still stored (retried on reprocess).
-        (self.quarantined if outcome == "quarantined" else self.stored).inc()
+        (self.quarantined if outcome == DeliveryStatus.QUARANTINED else self.stored).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition format and its content type."""

@@ -34,6 +34,7 @@ from receiver.models import Delivery, Hook, Output, TaskFile, TaskNetwork
 from receiver.results import delete_results, load_results
 from receiver.schema import forget_catalogs, lock_hook, lock_hooks
 from receiver.settings import DEFAULT_MAX_BODY_BYTES
+from receiver.states import DeliveryStatus
 from receiver.tasks import delete_events, event_row, task_ids, write_events
 from receiver.workers import QueueWorker
 
@@ -121,7 +122,7 @@ def process_deliveries(
             i
             for i in delivery_ids
             if i not in bodies
-            and found[i].status != "duplicate"
+            and found[i].status != DeliveryStatus.DUPLICATE
             and found[i].body_pruned_at is None
         ]
         pruned = {i for i in delivery_ids if found[i].body_pruned_at is not None}
@@ -144,8 +145,8 @@ def process_deliveries(
         parsed: list[tuple[Row[Any], Envelope | Quarantine]] = []
         for delivery_id in delivery_ids:
             delivery = found[delivery_id]
-            if delivery.status == "duplicate":
-                outcomes[delivery_id] = Outcome(delivery_id, "duplicate")
+            if delivery.status == DeliveryStatus.DUPLICATE:
+                outcomes[delivery_id] = Outcome(delivery_id, DeliveryStatus.DUPLICATE)
                 continue
             if delivery_id in pruned:  # nothing to derive from: keep what was derived
                 outcomes[delivery_id] = Outcome(delivery_id, "pruned")
@@ -223,7 +224,11 @@ def _write_batch(
     # Read under the locks: another process may have processed some since they were read.
     ids = [delivery.id for delivery, _ in parsed]
     done_before = set(
-        conn.scalars(select(Delivery.id).where(Delivery.id.in_(ids), Delivery.status != "stored"))
+        conn.scalars(
+            select(Delivery.id).where(
+                Delivery.id.in_(ids), Delivery.status != DeliveryStatus.STORED
+            )
+        )
     )
     outcomes: dict[str, Outcome] = {}
     writes = _Writes()
@@ -240,7 +245,7 @@ def _write_batch(
             _replace_derived(conn, delivery, envelope, schema, rerun, max_depth, writes)
         except Exception as exc:
             raise _Isolate from exc
-        outcomes[delivery.id] = Outcome(delivery.id, "processed")
+        outcomes[delivery.id] = Outcome(delivery.id, DeliveryStatus.PROCESSED)
     try:
         writes.flush(conn)
     except Exception as exc:
@@ -253,7 +258,7 @@ _MARK_PROCESSED = (
     update(Delivery)
     .where(Delivery.id == bindparam("b_id"))
     .values(
-        status="processed",
+        status=DeliveryStatus.PROCESSED,
         kind=bindparam("b_kind"),
         output_type=bindparam("b_output_type"),
         session_id=bindparam("b_session_id"),
@@ -338,7 +343,7 @@ def _process_one(
             _replace_derived(conn, delivery, envelope, schema, rerun, max_depth, writes)
             writes.flush(conn)
             savepoint.commit()
-            return Outcome(delivery.id, "processed")
+            return Outcome(delivery.id, DeliveryStatus.PROCESSED)
         except Quarantine as exc:
             savepoint.rollback()
             reason = exc.reason
@@ -388,7 +393,7 @@ def _quarantine_output(
             update(Delivery)
             .where(Delivery.id == delivery.id)
             .values(
-                status="quarantined",
+                status=DeliveryStatus.QUARANTINED,
                 kind=envelope.kind.value,
                 session_id=session_id,
                 task_id=task_id,
@@ -401,7 +406,7 @@ def _quarantine_output(
         savepoint.rollback()
         log.exception("recording the task of delivery %s failed", delivery.id)
         return None
-    return Outcome(delivery.id, "quarantined", reason)
+    return Outcome(delivery.id, DeliveryStatus.QUARANTINED, reason)
 
 
 def _quarantine(conn: Connection, delivery: Row[Any], reason: str, rerun: bool) -> Outcome:
@@ -410,9 +415,9 @@ def _quarantine(conn: Connection, delivery: Row[Any], reason: str, rerun: bool) 
     conn.execute(
         update(Delivery)
         .where(Delivery.id == delivery.id)
-        .values(status="quarantined", reason=reason, processed_at=utcnow())
+        .values(status=DeliveryStatus.QUARANTINED, reason=reason, processed_at=utcnow())
     )
-    return Outcome(delivery.id, "quarantined", reason)
+    return Outcome(delivery.id, DeliveryStatus.QUARANTINED, reason)
 
 
 def delete_derived(conn: Connection, delivery_id: str, hook: str) -> None:
@@ -616,7 +621,7 @@ class Pipeline(QueueWorker[str]):
 
     def submit_unprocessed(self, received_before: dt.datetime | None = None) -> int:
         """Queue deliveries committed but never processed (a crash, a batch lost to an outage)."""
-        query = select(Delivery.id).where(Delivery.status == "stored")
+        query = select(Delivery.id).where(Delivery.status == DeliveryStatus.STORED)
         if received_before is not None:
             query = query.where(Delivery.received_at < received_before)
         with self.engine.connect() as conn:

@@ -36,6 +36,7 @@ from receiver.ledger import RawDelivery, Recorded, new_delivery_id
 from receiver.models import Run, RunState, Task
 from receiver.runs import MAX_DURATION_MS, tracked_row, webhook_query
 from receiver.settings import Settings
+from receiver.states import DeliveryStatus
 from receiver.webrun import WebRunClient
 
 log = logging.getLogger("receiver.reconcile")
@@ -359,7 +360,7 @@ def standalone(engine: Engine, settings: Settings) -> Iterator[Callable[[], dict
 
     def committed(deliveries: Sequence[RawDelivery], results: list[Recorded]) -> None:
         stored = zip(deliveries, results, strict=True)
-        pipeline.submit_committed(d for d, r in stored if r.status == "stored")
+        pipeline.submit_committed(d for d, r in stored if r.status == DeliveryStatus.STORED)
 
     ledger = Ledger(engine, on_committed=committed)
     reconciler = Reconciler(engine, settings, client, ledger.record_sync)

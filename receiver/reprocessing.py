@@ -13,9 +13,9 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, select
 
-from receiver.listings import DeliveryStatus
 from receiver.models import Delivery
 from receiver.pipeline import process_delivery
+from receiver.states import DeliveryStatus
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ from sqlalchemy import (
     select,
 )
 
-from receiver.classify import Output, OutputType
+from receiver.classify import AgentOutput, OutputType
 from receiver.columns import Cell, ColumnType
 from receiver.csvparse import parse_csv_columns
 from receiver.csvtypes import ColumnValues, CsvColumns, to_cells
@@ -86,7 +86,7 @@ def load_results(
     conn: Connection,
     *,
     hook: str,
-    output: Output,
+    output: AgentOutput,
     delivery_id: str,
     session_id: str | None,
     task_id: str | None,
@@ -196,7 +196,7 @@ _FITTING: dict[ColumnType, frozenset[type]] = {
 def _load_json(
     conn: Connection,
     catalog: Catalog,
-    output: Output,
+    output: AgentOutput,
     system: Row,
     max_depth: int,
     held: HeldInserts | None,

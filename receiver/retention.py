@@ -38,6 +38,7 @@ from sqlalchemy import ColumnElement, Engine, and_, func, select, update
 from receiver.db import is_sqlite, utcnow, write_transaction
 from receiver.models import Delivery
 from receiver.settings import parse_duration
+from receiver.states import DeliveryStatus
 
 __all__ = [
     "PruneReport",
@@ -52,8 +53,8 @@ __all__ = [
 log = logging.getLogger("receiver.retention")
 
 #: Statuses whose body is done with: a processed delivery's rows exist, a duplicate's first has it.
-DONE = ("processed", "duplicate")
-QUARANTINED = "quarantined"
+DONE = (DeliveryStatus.PROCESSED.value, DeliveryStatus.DUPLICATE.value)
+QUARANTINED = DeliveryStatus.QUARANTINED.value
 #: Deliveries per batch (`prune`); the automatic prune uses smaller ones.
 BATCH = 500
 #: Between batches: lets a waiting writer (the ledger) take SQLite's lock first.

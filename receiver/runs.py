@@ -33,6 +33,7 @@ from receiver.errors import WebRunError
 from receiver.ledger import new_delivery_id
 from receiver.models import Delivery, Hook, Run, RunState
 from receiver.settings import Settings
+from receiver.states import DeliveryStatus
 from receiver.webrun import WebRunClient
 
 SUBMITTED_DATA = ("full_response", "ai_response", "just_ping")
@@ -218,7 +219,7 @@ def _reprocess_early(
                     Delivery.received_at >= since,
                     Delivery.query_string.startswith(prefix, autoescape=True),
                     Delivery.task_id.is_(None),
-                    Delivery.status != "duplicate",
+                    Delivery.status != DeliveryStatus.DUPLICATE,
                 )
             )
         )

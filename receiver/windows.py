@@ -17,6 +17,7 @@ from sqlalchemy import Engine, and_, func, select, union
 
 from receiver.db import utcnow
 from receiver.models import Delivery, Task
+from receiver.states import DeliveryStatus
 
 if TYPE_CHECKING:
     from receiver.export import Dataset
@@ -28,7 +29,7 @@ def export_until(engine: Engine, lag: dt.timedelta, now: dt.datetime | None = No
     until = (now or utcnow()) - lag
     with engine.connect() as conn:
         pending = conn.scalar(
-            select(func.min(Delivery.received_at)).where(Delivery.status == "stored")
+            select(func.min(Delivery.received_at)).where(Delivery.status == DeliveryStatus.STORED)
         )
     if pending is not None:
         until = min(until, aware(pending))

@@ -13,8 +13,8 @@ from sqlalchemy import Engine, func, select
 from starlette.testclient import TestClient
 
 from receiver.cli import SAMPLES, sample_deliveries
-from receiver.listings import DeliveryStatus
 from receiver.models import Delivery
+from receiver.states import DeliveryStatus
 from tests.conftest import TOKEN
 
 CONSOLE_TOKEN = "console-secret-1234"

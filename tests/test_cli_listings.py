@@ -145,7 +145,7 @@ def test_deliveries_json_is_whole(seeded: Seeded, db_url: str, engine: Engine) -
     assert [r["id"] for r in records] == [r.id for r in listings.list_deliveries(engine, limit=500)]
     assert seeded.quarantined_id in {r["id"] for r in records}
     [strict] = [r for r in records if r["id"] == seeded.quarantined_id]
-    assert strict["reason"].startswith("output does not match the hook's schema")
+    assert "output does not match the hook's schema" in strict["reason"]
 
 
 def test_show_takes_the_prefix_a_listing_shows(seeded: Seeded, db_url: str) -> None:

@@ -25,9 +25,10 @@ from receiver.classify import parse_time
 from receiver.console import access
 from receiver.console.bodies import view_body, view_output
 from receiver.console.charts import Series, stacked_bars
-from receiver.listings import DeliveryFilter, DeliveryStatus, TaskFilter
+from receiver.listings import DeliveryFilter, TaskFilter
 from receiver.settings import Settings
 from receiver.spool import Spool
+from receiver.states import DeliveryStatus
 
 TEMPLATES = Path(__file__).resolve().parent / "templates"
 PAGE = 50
