@@ -373,21 +373,9 @@ def _quarantine_output(
     )
     savepoint = conn.begin_nested()
     try:
-        if rerun:
-            delete_derived(conn, delivery.id, delivery.hook)
-        labels = correlate(conn, json.loads(delivery.labels))
-        event = event_row(
-            envelope,
-            hook=delivery.hook,
-            labels=labels,
-            delivery_id=delivery.id,
-            received_at=delivery.received_at,
-        )
-        if event is not None:
-            writes = _Writes()
-            writes.events.append(event)
-            _attachments(envelope, delivery, writes)
-            writes.flush(conn)
+        writes = _Writes()
+        labels = _task_facts(conn, delivery, envelope, rerun, writes)
+        writes.flush(conn)
         session_id, task_id = task_ids(envelope, labels)
         conn.execute(
             update(Delivery)
@@ -474,16 +462,11 @@ def _replace_task_output(
             delete_results(conn, other, delivery.hook)
 
 
-def _replace_derived(
-    conn: Connection,
-    delivery: Row[Any],
-    envelope: Envelope,
-    schema: Any,
-    rerun: bool,
-    max_depth: int,
-    writes: _Writes,
-) -> None:
-    """Derive what ``delivery`` gives into ``writes``; only a rerun's deletes go at once."""
+def _task_facts(
+    conn: Connection, delivery: Row[Any], envelope: Envelope, rerun: bool, writes: _Writes
+) -> dict[str, Any]:
+    """What a delivery says of its task (its event, files and visited URLs) into ``writes``,
+    after a rerun's deletes; returns the labels, correlated with a run the receiver knows."""
     if rerun:
         delete_derived(conn, delivery.id, delivery.hook)
     labels = correlate(conn, json.loads(delivery.labels))
@@ -497,6 +480,20 @@ def _replace_derived(
     if event is not None:
         writes.events.append(event)
         _attachments(envelope, delivery, writes)
+    return labels
+
+
+def _replace_derived(
+    conn: Connection,
+    delivery: Row[Any],
+    envelope: Envelope,
+    schema: Any,
+    rerun: bool,
+    max_depth: int,
+    writes: _Writes,
+) -> None:
+    """Derive what ``delivery`` gives into ``writes``; only a rerun's deletes go at once."""
+    labels = _task_facts(conn, delivery, envelope, rerun, writes)
     session_id, task_id = task_ids(envelope, labels)
     output = envelope.output
     if output is not None:
