@@ -3,6 +3,7 @@ what each page shows, and that it shows the same numbers as the library it calls
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import re
 from collections.abc import Iterator
@@ -223,6 +224,23 @@ def test_one_delivery_by_prefix_with_body_views(
     assert "does not match the hook" in quarantined.text
     assert console.get("/console/deliveries/0", headers=BEARER).status_code == 409  # ambiguous
     assert console.get("/console/deliveries/ffff", headers=BEARER).status_code == 404
+
+
+def test_a_pruned_body_is_said_to_be_pruned_and_when(
+    console: TestClient, seeded: Seeded, engine: Engine
+) -> None:
+    from receiver.db import utcnow
+    from receiver.retention import prune
+
+    before = console.get(f"/console/deliveries/{seeded.csv_id}", headers=BEARER).text
+    assert "was pruned" not in before
+    assert prune(engine, utcnow() + dt.timedelta(seconds=1)).deliveries > 0
+    with engine.connect() as conn:
+        when = conn.scalar(select(Delivery.body_pruned_at).where(Delivery.id == seeded.csv_id))
+    assert when is not None
+    page = console.get(f"/console/deliveries/{seeded.csv_id}", headers=BEARER).text
+    assert f"The body was pruned at {when}" in page
+    assert "results__crypto" in page  # what it became is still shown
 
 
 def test_reprocess_a_quarantined_delivery_after_fixing_the_schema(
