@@ -102,7 +102,11 @@ def fetched_query(run_id: str, labels: dict[str, str], session_id: str, task_id:
 
 
 class Reconciler:
-    """Polls WebRun for overdue runs; `run_once` is one pass, `start` runs passes in a thread."""
+    """Polls WebRun for overdue runs; `run_once` is one pass, `start` runs passes in a thread.
+
+    ``clock`` is what a pass takes as now (due times, backoff): tests step it
+    instead of sleeping, so no assertion depends on how fast the machine is.
+    """
 
     def __init__(
         self,
@@ -112,8 +116,10 @@ class Reconciler:
         record: Record,
         *,
         on_call: Callable[[str], None] | None = None,
+        clock: Callable[[], dt.datetime] = utcnow,
     ) -> None:
         self.engine = engine
+        self.clock = clock
         self.settings = settings
         self.client = client
         self.record = record
@@ -152,7 +158,7 @@ class Reconciler:
 
     def run_once(self) -> dict[str, int]:
         """One pass: watch new tasks, settle what arrived, poll what is due. Outcomes counted."""
-        now = utcnow()
+        now = self.clock()
         self.track_seen(now)
         self.settle(now)
         due = self.due(now)
@@ -162,7 +168,7 @@ class Reconciler:
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
             if self.on_call is not None:
                 self.on_call(outcome)
-        self.snapshot = self.take_snapshot(utcnow())
+        self.snapshot = self.take_snapshot(self.clock())
         return outcomes
 
     def track_seen(self, now: dt.datetime) -> int:
@@ -316,7 +322,7 @@ class Reconciler:
         self._update(
             run.id,
             attempts=run.attempts + 1,
-            next_check_at=utcnow() + dt.timedelta(seconds=delay),
+            next_check_at=self.clock() + dt.timedelta(seconds=delay),
             last_error=error,
         )
 
@@ -327,7 +333,7 @@ class Reconciler:
             conn.execute(
                 update(Run)
                 .where(Run.id == run_id, Run.state == RunState.LAUNCHED)
-                .values(updated_at=utcnow(), **values)
+                .values(updated_at=self.clock(), **values)
             )
 
     def take_snapshot(self, now: dt.datetime) -> Snapshot:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import json
@@ -13,6 +14,7 @@ import pytest
 from sqlalchemy import Engine, func, select
 from starlette.testclient import TestClient
 
+from receiver.db import utcnow
 from receiver.fakewebrun import FakeWebRun
 from receiver.models import Delivery, Output, Run, RunState, Task
 from receiver.reconcile import FETCHED_HEADER, LOST_AFTER, Reconciler, backoff, is_final
@@ -29,6 +31,37 @@ SCHEMA = {
 }
 
 
+class Clock:
+    """The reconciler's now: real time plus what a test stepped; `hold` stops it.
+
+    Stepping stands in for sleeping past a due time, and holding makes "not due
+    again at once" true however slow the machine is.
+    """
+
+    def __init__(self) -> None:
+        self.offset = dt.timedelta()
+        self.held: dt.datetime | None = None
+
+    def __call__(self) -> dt.datetime:
+        return self.held if self.held is not None else utcnow() + self.offset
+
+    def step(self, seconds: float) -> None:
+        self.offset += dt.timedelta(seconds=seconds)
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[dt.datetime]:
+        self.held = self()
+        try:
+            yield self.held
+        finally:
+            self.held = None
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
 @pytest.fixture
 def fake() -> Iterator[FakeWebRun]:
     with FakeWebRun(api_key=KEY, task_seconds=0.1, drop_fraction=1.0).serve() as running:
@@ -42,12 +75,14 @@ def quick(settings: Settings) -> Settings:
 
 @pytest.fixture
 def reconciler(
-    client: TestClient, engine: Engine, quick: Settings, fake: FakeWebRun
+    client: TestClient, engine: Engine, quick: Settings, fake: FakeWebRun, clock: Clock
 ) -> Iterator[Reconciler]:
     webrun = WebRunClient(fake.url, KEY, timeout=10, rate=1000)
     ledger = client.app.state.ledger  # type: ignore[attr-defined]
     outcomes: list[str] = []
-    found = Reconciler(engine, quick, webrun, ledger.record_sync, on_call=outcomes.append)
+    found = Reconciler(
+        engine, quick, webrun, ledger.record_sync, on_call=outcomes.append, clock=clock
+    )
     found.__dict__["outcomes"] = outcomes
     yield found
     found.stop()
@@ -195,17 +230,24 @@ def test_a_delivered_record_needs_no_poll(
 
 
 def test_running_answers_reschedule_with_backoff(
-    client: TestClient, engine: Engine, quick: Settings, fake: FakeWebRun, reconciler: Reconciler
+    client: TestClient,
+    engine: Engine,
+    quick: Settings,
+    fake: FakeWebRun,
+    reconciler: Reconciler,
+    clock: Clock,
 ) -> None:
-    fake.task_seconds = 3.0
+    fake.task_seconds = 3600.0  # running until the test ends it
     run = launched(engine, quick, reconciler, "full_response")
-    time.sleep(1.1)
-    assert reconciler.run_once() == {"running": 1}
-    after = show(engine, run.id)
-    assert after is not None
-    assert after.state == RunState.LAUNCHED
-    assert after.attempts == 1
-    assert reconciler.run_once() == {}  # backed off: not due again at once
+    clock.step(1.1)  # past its maxDuration of 1 s: due
+    with clock.hold():
+        assert reconciler.run_once() == {"running": 1}
+        after = show(engine, run.id)
+        assert after is not None
+        assert after.state == RunState.LAUNCHED
+        assert after.attempts == 1
+        assert reconciler.run_once() == {}  # backed off: not due again at the same instant
+    fake.end(str(run.task_id))
     until(reconciler, client, lambda: state(engine, run.id) == RunState.RECONCILED)
     with engine.connect() as conn:
         kinds = conn.scalars(select(Delivery.kind).order_by(Delivery.id)).all()
@@ -214,8 +256,7 @@ def test_running_answers_reschedule_with_backoff(
     assert kinds[-1] == "full_response"
     assert task.status == "completed"
     assert task.cost_usd == fake.tasks[str(run.task_id)].usage["cost"]
-    # Doubling from 0.05 s over ~2 s of running: a handful of polls, not one per pass.
-    assert fake.count("task") <= 8
+    assert fake.count("task") == 2  # one running answer, then the final record
 
 
 def test_404_makes_a_run_lost_after_a_few_tries(
@@ -244,23 +285,24 @@ def test_429_and_503_back_off_respecting_retry_after(
     quick: Settings,
     fake: FakeWebRun,
     reconciler: Reconciler,
+    clock: Clock,
     status: int,
     outcome: str,
 ) -> None:
     fake.retry_after = 30
     run = launched(engine, quick, reconciler, "full_response")
-    time.sleep(1.1)
+    clock.step(1.1)  # due
     fake.poll_failures.extend([status])
-    before = dt.datetime.now(dt.UTC).replace(tzinfo=None)
-    assert reconciler.run_once() == {outcome: 1}
-    after = show(engine, run.id)
-    assert after is not None
-    assert after.next_check_at is not None
-    wait = after.next_check_at.astimezone(dt.UTC).replace(tzinfo=None) - before
-    if after.next_check_at.tzinfo is None:  # SQLite hands back naive UTC
-        wait = after.next_check_at - before
-    assert wait.total_seconds() >= 29  # Retry-After: 30, not the 0.05 s step
-    assert reconciler.run_once() == {}
+    with clock.hold() as before:
+        assert reconciler.run_once() == {outcome: 1}
+        after = show(engine, run.id)
+        assert after is not None
+        assert after.next_check_at is not None
+        due = after.next_check_at
+        if due.tzinfo is None:  # SQLite hands back naive UTC
+            due = due.replace(tzinfo=dt.UTC)
+        assert (due - before).total_seconds() >= 29  # Retry-After: 30, not the 0.05 s step
+        assert reconciler.run_once() == {}
     assert fake.count("task") == 1
 
 
