@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import Engine, select
 
 from receiver.models import Delivery
-from receiver.pipeline import process_delivery
+from receiver.processing import process_delivery
 from receiver.states import DeliveryStatus
 
 

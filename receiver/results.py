@@ -1,9 +1,10 @@
-"""Load an output's rows into its hook's result tables.
+"""Load a normalised output's rows into its hook's result tables.
 
-structured_json goes through `rows.flatten` (or, for an array of flat
-objects, `rows.flat_records`), structured_csv through
-`csvparse.parse_csv_columns`; both end here as columns keyed by catalogued
-column names. A cell that does not fit its column's type goes to the
+`receiver.normalise` has already validated and parsed the output, before the
+transaction: structured_json as `rows.flatten`'s tables (or, for an array of
+flat objects, `rows.flat_records`), structured_csv as
+`csvparse.parse_csv_columns`' columns. Here they become columns keyed by
+catalogued column names. A cell that does not fit its column's type goes to the
 variant column ``<name>__v_<type>``: never coerced, never dropped. JSON
 text from a depth cut and a plain string never share a column, so a reader
 can always tell them apart. Whole columns whose cells all fit are placed at
@@ -13,29 +14,21 @@ once. How a batch reaches each database is `receiver.inserts`' business
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import gc
 import json
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-import jsonschema
-from sqlalchemy import (
-    Connection,
-    delete,
-    select,
-)
+from sqlalchemy import Connection, delete, select
 
-from receiver.classify import AgentOutput, OutputType
+from receiver.classify import OutputType
 from receiver.columns import Cell, ColumnType
-from receiver.csvparse import parse_csv_columns
 from receiver.csvtypes import ColumnValues, CsvColumns, to_cells
-from receiver.errors import Quarantine
 from receiver.inserts import HeldInserts, Row, Values, insert_columns, python_values
 from receiver.models import ResultTable
-from receiver.rows import FlatColumn, FlatRecords, FlatTable, Key, flat_records, flatten
+from receiver.normalise import Normalised, collector_paused
+from receiver.rows import FlatColumn, FlatRecords, FlatTable, Key
 from receiver.schema import (
     OVERFLOW_KEY,
     ROW_NOTES,
@@ -48,13 +41,7 @@ from receiver.schema import (
     source_key,
 )
 
-if TYPE_CHECKING:
-    pass
-
-
 _TEXTUAL = frozenset({ColumnType.TEXT, ColumnType.JSON})
-#: Outputs from this many characters load with the cyclic garbage collector paused.
-_BIG_OUTPUT = 256 * 1024
 
 
 def delete_results(conn: Connection, delivery_id: str, hook: str) -> None:
@@ -68,67 +55,31 @@ def delete_results(conn: Connection, delivery_id: str, hook: str) -> None:
         conn.execute(delete(table).where(table.c._delivery_id == delivery_id))
 
 
-def validate(value: Any, schema: Any) -> None:
-    """Quarantine a structured_json output that breaks the hook's registered JSON Schema."""
-    if not isinstance(schema, dict):
-        return
-    errors = sorted(
-        jsonschema.Draft202012Validator(schema).iter_errors(value), key=lambda e: list(e.path)
-    )
-    if errors:
-        detail = "; ".join(
-            f"{'/'.join(map(str, e.path)) or '(root)'}: {e.message[:200]}" for e in errors[:5]
-        )
-        raise Quarantine(f"output does not match the hook's schema: {detail}")
-
-
 def load_results(
     conn: Connection,
+    normalised: Normalised,
     *,
     hook: str,
-    output: AgentOutput,
     delivery_id: str,
     session_id: str | None,
     task_id: str | None,
     received_at: dt.datetime,
-    schema: Any,
-    max_depth: int,
     held: HeldInserts | None = None,
 ) -> int:
-    """Insert the rows of ``output``; returns how many rows were written.
+    """Insert the rows of a normalised output; returns how many rows were written.
 
     Given ``held``, small inserts wait there for the caller's `HeldInserts.flush`.
     """
+    output = normalised.output
     if output.type == OutputType.TEXT:
         return 0
     catalog = catalog_for(conn, hook)
     system = {"_delivery_id": delivery_id, "_session_id": session_id, "_task_id": task_id}
     system["_received_at"] = received_at  # type: ignore[assignment]
-    with _collector_paused(len(output.text)):
-        if output.type == OutputType.JSON:
-            validate(output.value, schema)
-            return _load_json(conn, catalog, output, system, max_depth, held)
-        expected = schema if isinstance(schema, list) else None
-        return _load_csv(conn, catalog, output.text, system, expected, held)
-
-
-@contextlib.contextmanager
-def _collector_paused(size: int) -> Iterator[None]:
-    """Pause Python's cyclic garbage collector while a big output loads.
-
-    A big load allocates about a million acyclic objects (cells, rows, tuples);
-    every automatic collection meanwhile walks them and the rest of the heap
-    again, which cost a third of the load time. Reference counting still frees
-    everything as usual; only cycles made meanwhile wait for the next collection.
-    """
-    if size < _BIG_OUTPUT or not gc.isenabled():  # small, or someone else paused it
-        yield
-        return
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
+    with collector_paused(len(output.text)):
+        if normalised.csv is not None:
+            return _load_csv(conn, catalog, normalised.csv, system, held)
+        return _load_json(conn, catalog, normalised, system, held)
 
 
 def _place(
@@ -196,17 +147,15 @@ _FITTING: dict[ColumnType, frozenset[type]] = {
 def _load_json(
     conn: Connection,
     catalog: Catalog,
-    output: AgentOutput,
+    normalised: Normalised,
     system: Row,
-    max_depth: int,
     held: HeldInserts | None,
 ) -> int:
-    records = flat_records(output.value)
-    if records is not None:
-        written = _load_records(conn, catalog, records, system, held)
+    if normalised.records is not None:
+        written = _load_records(conn, catalog, normalised.records, system, held)
         if written is not None:
             return written
-    flat_tables = flatten(output.value, max_depth=max_depth)
+    flat_tables = normalised.flat_tables()
     infos: dict[tuple[Any, ...], TableInfo] = {}
     written = 0
     for flat in flat_tables:
@@ -375,12 +324,10 @@ def _has_nul(texts: Iterable[str | None]) -> bool:
 def _load_csv(
     conn: Connection,
     catalog: Catalog,
-    text: str,
+    parsed: CsvColumns,
     system: Row,
-    expected: list[str] | None,
     held: HeldInserts | None,
 ) -> int:
-    parsed = parse_csv_columns(text, expected_columns=expected)
     info = catalog.table((), None, None)
     count = parsed.count
     if not count:

@@ -208,7 +208,7 @@ def _reprocess_early(
     A task that finishes within run-task's wait sends its webhook before the
     answer reaches us: processed then, an ``ai_response`` had no ids to join.
     """
-    from receiver.pipeline import process_deliveries
+    from receiver.processing import process_deliveries
 
     prefix = webhook_query(run_id, {})
     with engine.connect() as conn:

@@ -14,7 +14,7 @@ from receiver.attachments import file_rows, network_rows
 from receiver.columns import JsonValue
 from receiver.export import export
 from receiver.models import TaskFile, TaskNetwork
-from receiver.pipeline import process_deliveries
+from receiver.processing import process_deliveries
 from tests.conftest import DELIVERIES
 from tests.readback import deliver
 

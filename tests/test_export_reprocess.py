@@ -21,7 +21,7 @@ from starlette.testclient import TestClient
 from receiver import destinations
 from receiver.export import JOURNAL, ExportReport, export
 from receiver.models import Delivery
-from receiver.pipeline import process_delivery
+from receiver.processing import process_delivery
 from receiver.windows import aware
 from tests.readback import deliver, hook_tables, run_cli
 from tests.test_export import (

@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PURE = (
     "receiver.classify",
     "receiver.rows",
+    "receiver.normalise",
     "receiver.csvparse",
     "receiver.columns",
     "receiver.lifecycle",

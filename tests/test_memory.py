@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from receiver.memory import SMALL_BODY, BodyBudget, OverBudget
-from receiver.pipeline import BATCH_BYTES, _runs_within
+from receiver.processing import BATCH_BYTES, _runs_within
 from tests.conftest import TOKEN
 from tests.live import live_server
 

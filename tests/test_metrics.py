@@ -18,7 +18,7 @@ from receiver.db import create_db_engine
 from receiver.ledger import RawDelivery
 from receiver.metrics import Metrics, SpoolCollector
 from receiver.models import Delivery
-from receiver.pipeline import delete_derived
+from receiver.processing import delete_derived
 from receiver.settings import Settings
 from receiver.spool import Spool
 from tests.conftest import (

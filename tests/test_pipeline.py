@@ -20,7 +20,8 @@ from sqlalchemy.exc import IntegrityError, OperationalError
 from receiver.db import utcnow, write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook, Output, Task
-from receiver.pipeline import HELD_BYTES, Pipeline, _failure, process_deliveries
+from receiver.pipeline import HELD_BYTES, Pipeline
+from receiver.processing import _failure, process_deliveries
 from tests.conftest import DELIVERIES
 from tests.readback import column_map, hook_tables, raw_rows
 from tests.test_results import csv_tables

@@ -23,7 +23,7 @@ from receiver.db import utcnow
 from receiver.export import export
 from receiver.ledger import new_delivery_id
 from receiver.models import Delivery
-from receiver.pipeline import process_delivery
+from receiver.processing import process_delivery
 from receiver.settings import Settings, parse_duration
 from tests.conftest import TOKEN, post
 from tests.readback import deliver, run_cli, snapshot

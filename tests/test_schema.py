@@ -21,7 +21,7 @@ from receiver.columns import ColumnType, JsonValue
 from receiver.db import write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook
-from receiver.pipeline import process_delivery
+from receiver.processing import process_delivery
 from receiver.rows import flatten
 from receiver.schema import catalog_for, forget_catalogs, json_schema_tables
 from tests.readback import cells, column_map, deliver, hook_tables, raw_rows, run_cli
@@ -403,7 +403,7 @@ _WORKER = """
 import json, sys, time
 from pathlib import Path
 from receiver.db import create_db_engine
-from receiver.pipeline import process_delivery
+from receiver.processing import process_delivery
 from receiver.settings import Settings
 
 url, go, ids = sys.argv[1], Path(sys.argv[2]), sys.argv[3:]

@@ -20,7 +20,7 @@ from receiver import rollups
 from receiver.db import utcnow, write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook, Output, ResultColumn, Task, TaskEvent
-from receiver.pipeline import process_deliveries
+from receiver.processing import process_deliveries
 from tests.conftest import TOKEN
 from tests.live import live_server
 from tests.readback import deliver, hook_tables, run_cli, settle, snapshot
