@@ -30,13 +30,28 @@ from receiver.retention import RetentionWorker
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
 from receiver.states import DeliveryStatus
+from receiver.workers import Supervised
 
 if TYPE_CHECKING:
     from receiver.reconcile import Reconciler
 
 
-def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette:
-    """The receiver app. The schema must be migrated (`receiver db upgrade`; `serve` does it)."""
+def create_app(
+    settings: Settings,
+    *,
+    engine: Engine | None = None,
+    processing: bool = True,
+    ledger_wait_seconds: float = endpoints.LEDGER_WAIT_SECONDS,
+    body_read_seconds: float = endpoints.BODY_READ_SECONDS,
+) -> Starlette:
+    """The receiver app. The schema must be migrated (`receiver db upgrade`; `serve` does it).
+
+    ``processing`` False gives the HTTP edge and the ledger alone: deliveries
+    are committed and stay ``stored`` until a process with processing takes them
+    (its next start, `receiver reprocess`); the bench measures ingest so. The two
+    waits bound how long a request waits for the ledger before spooling and for
+    its body before a 408 (shorter in tests that provoke them).
+    """
     engine = engine or create_db_engine(settings)
     # The spool is read at scrape time and only if there is one.
     metrics = Metrics(
@@ -86,7 +101,7 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
             ),
             "receiver_thread_restarts_total": (
                 "Restarts of the ledger writer, pipeline and spool drainer after an exception.",
-                lambda: sum(w.restarts.count for w in (ledger, pipeline, drainer)),
+                lambda: sum(w.restarts.count for w in workers.values()),
             ),
         },
         reconciler=lambda: getattr(app.state, "reconciler", None),
@@ -100,8 +115,9 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     )
 
     def committed(deliveries: Sequence[RawDelivery], results: list[Recorded]) -> None:
-        stored = zip(deliveries, results, strict=True)
-        pipeline.submit_committed(d for d, r in stored if r.status == DeliveryStatus.STORED)
+        if processing:
+            stored = zip(deliveries, results, strict=True)
+            pipeline.submit_committed(d for d, r in stored if r.status == DeliveryStatus.STORED)
 
     ledger = Ledger(engine, on_committed=committed)
     spool = Spool(settings.data_dir / "spool")
@@ -112,6 +128,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
         else RetentionWorker(engine, settings.retention, busy=lambda: ledger.busy())
     )
 
+    # /readyz fails while one of these is not running (receiver.workers).
+    workers: dict[str, Supervised] = {"ledger-writer": ledger, "spool-drainer": drainer}
+    if processing:
+        workers["pipeline"] = pipeline
     hook_limit = HookLimit(engine, settings.max_hooks, settings.create_hooks)
     budget = BodyBudget(max(settings.memory_budget_bytes, settings.max_body_bytes))
     limits = ConnectionLimits(
@@ -123,9 +143,11 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict[str, Any]]:
         check_schema(engine)
-        pipeline.start()
+        if processing:
+            pipeline.start()
         ledger.start()
-        pipeline.submit_unprocessed()
+        if processing:
+            pipeline.submit_unprocessed()
         drainer.start()  # deliveries spooled before a crash or restart go in first
         if retention is not None:
             retention.start()
@@ -143,7 +165,8 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
                 reconciler.client.close()
             drainer.stop()
             ledger.stop()
-            pipeline.stop()
+            if processing:
+                pipeline.stop()
 
     receive = observed(endpoints.receive_delivery, metrics)
     document = openapi_document(settings.max_body_bytes)
@@ -186,11 +209,10 @@ def create_app(settings: Settings, *, engine: Engine | None = None) -> Starlette
     app.state.connection_limits = limits
     app.state.body_budget = budget
     app.state.hook_limit = hook_limit
-    # /readyz fails while one of these is not running (receiver.workers).
-    app.state.workers = {"ledger-writer": ledger, "pipeline": pipeline, "spool-drainer": drainer}
+    app.state.workers = workers
     app.state.reconciler = reconciler
-    app.state.ledger_wait_seconds = endpoints.LEDGER_WAIT_SECONDS
-    app.state.body_read_seconds = endpoints.BODY_READ_SECONDS
+    app.state.ledger_wait_seconds = ledger_wait_seconds
+    app.state.body_read_seconds = body_read_seconds
     app.state.deadlines = Deadlines()
     app.state.authenticator = Authenticator(engine, settings.tokens, settings.auth_cache_seconds)
     return app

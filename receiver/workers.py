@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
-from typing import Generic, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 T = TypeVar("T")
 
@@ -47,6 +47,14 @@ def supervised(
                 time.sleep(pause)
 
     return loop
+
+
+class Supervised(Protocol):
+    """A background worker /readyz asks after and /metrics counts restarts of."""
+
+    restarts: Restarts
+
+    def alive(self) -> bool: ...
 
 
 class QueueWorker(Generic[T]):

@@ -237,11 +237,10 @@ def test_ready_is_503_when_the_database_is_unreachable(client: TestClient, tmp_p
 
 
 def test_a_body_that_never_arrives_is_408_and_stores_nothing(
-    client: TestClient, engine: Engine
+    settings: Settings, engine: Engine
 ) -> None:
     """A client that sends headers and stalls cannot hold a slot: 408 after the read timeout."""
-    app = client.app
-    app.state.body_read_seconds = 0.3  # type: ignore[attr-defined]
+    app = create_app(settings, engine=engine, body_read_seconds=0.3)
     sent: list[dict[str, object]] = []
 
     async def stalled_request() -> None:
@@ -279,7 +278,8 @@ def test_a_body_that_never_arrives_is_408_and_stores_nothing(
         # It returns at all only because the timeout fired: the rest of the body never comes.
         await app(scope, receive, send)  # type: ignore[arg-type]
 
-    client.portal.call(stalled_request)  # type: ignore[union-attr]
+    with TestClient(app) as client:
+        client.portal.call(stalled_request)  # type: ignore[union-attr]
     assert sent[0]["status"] == 408
     assert b"not received within 0.3 s" in sent[1]["body"]  # type: ignore[operator]
     assert count_deliveries(engine) == 0

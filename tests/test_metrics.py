@@ -211,8 +211,7 @@ def test_spooled_deliveries_count_once_and_drain_without_recounting(
                 database_url=url, tokens=(TOKEN.encode(),), data_dir=tmp_path / "data"
             )
             engine = create_db_engine(settings)
-            app = create_app(settings, engine=engine)
-            app.state.ledger_wait_seconds = 2.0
+            app = create_app(settings, engine=engine, ledger_wait_seconds=2.0)
             try:
                 with TestClient(app) as client:
                     post(client, "shop", SAMPLE)

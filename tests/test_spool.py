@@ -203,8 +203,8 @@ def test_an_outage_is_answered_2xx_and_drained_in_order_without_doubles(
     url, down = outage
     settings = Settings(database_url=url, tokens=(TOKEN.encode(),), data_dir=tmp_path / "data")
     engine = create_db_engine(settings)
-    app = create_app(settings, engine=engine)
-    app.state.ledger_wait_seconds = 0.5  # the SQLite lock would otherwise be waited out
+    # The SQLite lock would otherwise be waited out.
+    app = create_app(settings, engine=engine, ledger_wait_seconds=0.5)
     bodies = [b'{"seq": %d, "pad": "%s"}' % (i, b"x" * i) for i in range(120)]
     answers: list[tuple[int, dict[str, str]]] = []
     try:
@@ -252,8 +252,7 @@ def test_outage_and_unwritable_spool_is_503_never_2xx(tmp_path: Path) -> None:
     data.mkdir()
     (data / "spool").write_text("not a folder")
     settings = Settings(database_url=url, tokens=(TOKEN.encode(),), data_dir=data)
-    app = create_app(settings, engine=engine)
-    app.state.ledger_wait_seconds = 0.3
+    app = create_app(settings, engine=engine, ledger_wait_seconds=0.3)
     try:
         with TestClient(app) as client:
             lock = sqlite3.connect(path, isolation_level=None)
