@@ -9,21 +9,23 @@ import itertools
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, event, insert, select, text
+from sqlalchemy import Engine, event, func, insert, select, text
 from sqlalchemy.exc import IntegrityError, OperationalError
+from starlette.testclient import TestClient
 
 from receiver.db import utcnow, write_transaction
 from receiver.ledger import Ledger, RawDelivery
 from receiver.models import Delivery, Hook, Output, Task
 from receiver.pipeline import HELD_BYTES, Pipeline
 from receiver.processing import _failure, process_deliveries
-from tests.conftest import DELIVERIES
-from tests.readback import column_map, hook_tables, raw_rows
+from tests.conftest import DELIVERIES, TOKEN
+from tests.readback import column_map, hook_tables, raw_rows, snapshot
 from tests.test_results import csv_tables
 
 #: Documents whose tables, columns and types change from one to the next (no NUL:
@@ -399,3 +401,111 @@ def test_failure_reasons_are_sentences_not_driver_errors(error: Exception, says:
     assert says in reason
     assert "INSERT" not in reason  # never the statement or the driver's text
     assert "constraint failed" not in reason
+
+
+def big_csv(target_bytes: int) -> bytes:
+    """A typed CSV of about ``target_bytes``: integers, floats, text and dates."""
+    lines = ["id,price,qty,title,sku,seen,ok,note"]
+    size = len(lines[0])
+    n = 0
+    while size < target_bytes:
+        line = (
+            f"{n},{n * 0.37:.2f},{n % 97},Product number {n},SKU-{n:08d},2026-11-{n % 28 + 1:02d},"
+        )
+        line += f"{'true' if n % 2 else 'false'},a note for row {n} with some text"
+        lines.append(line)
+        size += len(line) + 1
+        n += 1
+    return ("\n".join(lines) + "\n").encode()
+
+
+def test_a_9_mib_csv_being_processed_does_not_hold_up_ordinary_deliveries(
+    client: TestClient, engine: Engine
+) -> None:
+    """Its parsing runs outside the load's transaction (receiver.normalise), so the write
+    lock (on SQLite, the ledger's too) is held only while its rows are written: deliveries
+    sent meanwhile are committed as ``stored``, none spooled."""
+    body = big_csv(9 * 2**20)
+    headers = {"authorization": TOKEN, "content-type": "text/csv"}
+    big = client.post("/hooks/catalogue", content=body, headers=headers)
+    assert big.status_code == 200, big.text
+    big_id = big.json()["delivery_id"]
+
+    def big_status() -> str:
+        with engine.connect() as conn:
+            return str(conn.scalar(select(Delivery.status).where(Delivery.id == big_id)))
+
+    answers: list[dict[str, object]] = []
+    sent_while_stored = 0
+    seconds: list[float] = []
+    deadline = time.monotonic() + 120
+    while True:
+        still_stored = big_status() == "stored"
+        if not still_stored and len(answers) >= 20:
+            break
+        assert time.monotonic() < deadline, "the big delivery was not processed in time"
+        started = time.perf_counter()
+        response = client.post(
+            "/hooks/orders",
+            content=b'{"order": %d, "total": 12.5}' % len(answers),
+            headers={"authorization": TOKEN, "content-type": "application/json"},
+        )
+        seconds.append(time.perf_counter() - started)
+        assert response.status_code == 200, response.text
+        answers.append(response.json())
+        sent_while_stored += still_stored
+    client.app.state.pipeline.join()  # type: ignore[attr-defined]
+    print(
+        f"{len(answers)} ordinary deliveries, {sent_while_stored} while the CSV was stored;"
+        f" slowest answer {max(seconds) * 1e3:.0f} ms"
+    )
+    assert sent_while_stored >= 1  # some really were sent while it was processed
+    assert {a["status"] for a in answers} == {"stored"}  # committed, none spooled
+    assert big_status() == "processed"
+    with engine.connect() as conn:
+        processed = conn.scalar(
+            select(func.count()).where(Delivery.hook == "orders", Delivery.status == "processed")
+        )
+    assert processed == len(answers)
+    rows = raw_rows(engine, hook_tables(engine, "catalogue")[()])
+    assert len(rows) == body.count(b"\n") - 1
+
+
+def test_a_stream_processed_during_ingest_leaves_what_processing_after_it_leaves(
+    client: TestClient, engine: Engine
+) -> None:
+    """The pipeline's pauses and batch sizes under a stream (`Pipeline._yield_to_ingest`)
+    change when a delivery is processed, never what it leaves: the same deliveries,
+    processed again after the stream in one go, leave the same rows, tasks and statuses."""
+    catalogue = []
+    for meta in sorted(DELIVERIES.glob("*.json")):
+        content_type = json.loads(meta.read_text())["content_type"]
+        catalogue.append((meta.with_suffix(".body").read_bytes(), content_type))
+    stream = [
+        # Trailing whitespace makes each JSON copy a new delivery; the others repeat.
+        (body + b" " * n if content_type == "application/json" else body, content_type)
+        for n in range(12)
+        for body, content_type in catalogue
+    ]
+
+    def send(item: tuple[bytes, str]) -> str:
+        body, content_type = item
+        headers = {"authorization": TOKEN, "content-type": content_type}
+        response = client.post("/hooks/stream", content=body, headers=headers)
+        assert response.status_code == 200, response.text
+        return str(response.json()["delivery_id"])
+
+    with ThreadPoolExecutor(6) as pool:
+        ids = list(pool.map(send, stream))
+        with engine.connect() as conn:
+            during = conn.scalar(select(func.count()).where(Delivery.status != "stored"))
+    client.app.state.pipeline.join()  # type: ignore[attr-defined]
+    print(f"{len(ids)} deliveries, {during} processed by the time the last was answered")
+    assert during is not None
+    assert during > 0  # processed during ingest, not only after it
+    streamed = snapshot(engine)
+    assert {status for _, status, _ in streamed["statuses"]} >= {"processed", "duplicate"}
+    ordered = sorted(set(ids))  # arrival order: UUIDv7 ids
+    for start in range(0, len(ordered), 64):
+        process_deliveries(engine, ordered[start : start + 64], max_depth=5)
+    assert snapshot(engine) == streamed
