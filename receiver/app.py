@@ -26,6 +26,7 @@ from receiver.memory import BodyBudget, return_memory_to_the_os
 from receiver.metrics import OTHER_REASON, REJECT_REASONS, Metrics
 from receiver.openapi import openapi_document
 from receiver.pipeline import Pipeline
+from receiver.processor import ProcessPipeline
 from receiver.retention import RetentionWorker
 from receiver.settings import Settings
 from receiver.spool import Spool, SpoolDrainer
@@ -106,13 +107,17 @@ def create_app(
         },
         reconciler=lambda: getattr(app.state, "reconciler", None),
     )
-    pipeline = Pipeline(
-        engine,
-        max_depth=settings.max_depth,
-        max_body_bytes=settings.max_body_bytes,
-        on_processed=metrics.delivery_processed,
-        busy=lambda: ledger.busy(),
-    )
+    pipeline: Pipeline | ProcessPipeline
+    if settings.processing == "process":
+        pipeline = ProcessPipeline(settings, engine, on_processed=metrics.delivery_processed)
+    else:
+        pipeline = Pipeline(
+            engine,
+            max_depth=settings.max_depth,
+            max_body_bytes=settings.max_body_bytes,
+            on_processed=metrics.delivery_processed,
+            busy=lambda: ledger.busy(),
+        )
 
     def committed(deliveries: Sequence[RawDelivery], results: list[Recorded]) -> None:
         if processing:

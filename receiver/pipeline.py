@@ -36,6 +36,15 @@ HELD_BYTES = 64 * 2**20
 BIG_BODY_BYTES = 16 * 2**10
 
 
+def unprocessed_ids(engine: Engine, received_before: dt.datetime | None = None) -> list[str]:
+    """Deliveries still ``stored`` (received before ``received_before``), oldest first."""
+    query = select(Delivery.id).where(Delivery.status == DeliveryStatus.STORED)
+    if received_before is not None:
+        query = query.where(Delivery.received_at < received_before)
+    with engine.connect() as conn:
+        return list(conn.scalars(query.order_by(Delivery.id).limit(100_000)))
+
+
 class Pipeline(QueueWorker[str]):
     """A worker thread that processes committed deliveries in arrival order, in batches.
 
@@ -121,11 +130,7 @@ class Pipeline(QueueWorker[str]):
 
     def submit_unprocessed(self, received_before: dt.datetime | None = None) -> int:
         """Queue deliveries committed but never processed (a crash, a batch lost to an outage)."""
-        query = select(Delivery.id).where(Delivery.status == DeliveryStatus.STORED)
-        if received_before is not None:
-            query = query.where(Delivery.received_at < received_before)
-        with self.engine.connect() as conn:
-            ids = list(conn.scalars(query.order_by(Delivery.id).limit(100_000)))
+        ids = unprocessed_ids(self.engine, received_before)
         self.submit(ids)
         return len(ids)
 

@@ -48,6 +48,13 @@ SETTINGS_DOC: tuple[tuple[str, str, str], ...] = (
     ),
     ("RECEIVER_MAX_DEPTH", "5", "JSON nesting depth flattened into columns; deeper is JSON text."),
     ("RECEIVER_LOG_FORMAT", "plain", "`plain` or `json`: one log line per delivery."),
+    (
+        "RECEIVER_PROCESSING",
+        "thread",
+        "`thread`: deliveries are processed in a thread of the server process, taking turns"
+        " with ingest; `process`: in a child process of each server process (another core:"
+        " see bench/README.md for what each gives).",
+    ),
     ("RECEIVER_AUTH_CACHE_SECONDS", "2", "How long per-hook token hashes are cached in memory."),
     (
         "RECEIVER_RETENTION",
@@ -145,6 +152,7 @@ class Settings:
     sqlite_synchronous: str = "FULL"
     max_depth: int = 5
     log_format: str = "plain"
+    processing: str = "thread"
     auth_cache_seconds: float = 2.0
     #: Raw bodies older than this are pruned by `serve` (`receiver.retention`); None: kept.
     retention: dt.timedelta | None = None
@@ -182,6 +190,11 @@ class Settings:
         log_format = env.get("RECEIVER_LOG_FORMAT", "plain")
         if log_format not in {"plain", "json"}:
             raise SettingsError(f"RECEIVER_LOG_FORMAT must be plain or json, not {log_format!r}")
+        processing = env.get("RECEIVER_PROCESSING", "thread")
+        if processing not in {"thread", "process"}:
+            raise SettingsError(
+                f"RECEIVER_PROCESSING must be thread or process, not {processing!r}"
+            )
         create_hooks = env.get("RECEIVER_CREATE_HOOKS", "true").strip().lower()
         if create_hooks not in {"true", "false", "1", "0", "yes", "no"}:
             raise SettingsError(
@@ -195,6 +208,7 @@ class Settings:
             sqlite_synchronous=synchronous,
             max_depth=_number(env, "RECEIVER_MAX_DEPTH", 5, int),
             log_format=log_format,
+            processing=processing,
             auth_cache_seconds=_number(env, "RECEIVER_AUTH_CACHE_SECONDS", 2.0, float),
             retention=_retention(env.get("RECEIVER_RETENTION", "")),
             console_token=env.get("RECEIVER_CONSOLE_TOKEN", "").strip() or None,
