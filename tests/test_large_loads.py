@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import Engine, select
 from starlette.testclient import TestClient
 
-from receiver import csvparse, inserts, pgcopy, results
+from receiver import csvparse, inserts, normalise, pgcopy, results
 from receiver.columns import ColumnType
 from receiver.models import ResultColumn, ResultTable
 from receiver.schema import result_table
@@ -174,7 +174,7 @@ def test_flat_records_store_what_flatten_stores(
     monkeypatch.setattr(results, "_load_records", spy)
     for hook in ("records", "flatten"):
         if hook == "flatten":
-            monkeypatch.setattr(results, "flat_records", lambda document: None)
+            monkeypatch.setattr(normalise, "flat_records", lambda document: None)
         for body in bodies:
             row = deliver(client, engine, hook, body)
             assert row.status == "processed", row.reason
