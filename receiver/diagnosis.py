@@ -12,6 +12,7 @@ import re
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
+from receiver.db import describe_url
 from receiver.errors import ReceiverError
 
 UPGRADE_HINT = "run `receiver db upgrade`"
@@ -26,11 +27,7 @@ def where(database_url: str) -> str:
         url = make_url(database_url)
     except sa_exc.ArgumentError:
         return "the database (RECEIVER_DATABASE_URL does not parse as a URL)"
-    if url.get_backend_name() == "sqlite":
-        return f"the SQLite database {url.database or ':memory:'}"
-    host = url.host or "localhost"
-    port = f":{url.port}" if url.port else ""
-    return f"PostgreSQL at {host}{port}/{url.database or ''}"
+    return describe_url(url)
 
 
 def _first_line(text: str) -> str:

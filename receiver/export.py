@@ -109,7 +109,7 @@ from sqlalchemy import types as sqltypes
 
 from receiver import destinations
 from receiver.columns import ColumnType
-from receiver.db import utcnow
+from receiver.db import is_sqlite, utcnow
 from receiver.destinations import (
     JOURNAL,
     PARTITION_KEY,
@@ -439,7 +439,8 @@ class _Run:
         self.root = root
         self.run_id = run_id
         self.progress = progress
-        self.sqlite = engine.dialect.name == "sqlite"
+        #: Which of `receiver.readers`' two readers `_read` streams through, each with its SQL.
+        self.sqlite = is_sqlite(engine)
         self.staged: list[_Staged] = []
         self.open_temporaries: set[str] = set()
         self._postgresql: PostgresqlReader | None = None
@@ -549,7 +550,7 @@ class _Run:
                 ]
         conditions.append(self._cut("t", cut_column))
         params.append(until)
-        source = task_sums_sql(dataset.name, self.engine.dialect.name, " AND ".join(conditions))
+        source = task_sums_sql(dataset.name, self.engine, " AND ".join(conditions))
         return source, [], params
 
     def _changed_days(self, lower: dt.datetime, until: dt.datetime) -> set[str]:

@@ -19,6 +19,7 @@ from sqlalchemy.types import TypeEngine
 
 from receiver.columns import ColumnType
 from receiver.csvtypes import to_cells
+from receiver.db import can_copy
 from receiver.pgcopy import copy_rows
 
 if TYPE_CHECKING:
@@ -110,7 +111,7 @@ def insert_columns(
         return
     given = [c for c in table.columns if c.name in columns or constants.get(c.name) is not None]
     rows = RowBatch(given, count, columns, constants)
-    if conn.dialect.name != "postgresql":
+    if not can_copy(conn):
         _insert_sqlite(conn, table, rows)
     elif count > COPY_THRESHOLD:
         copy_rows(conn, table, rows)

@@ -20,15 +20,13 @@ from sqlalchemy import (
     Row,
     Select,
     and_,
-    cast,
     func,
     or_,
     select,
-    text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 
 from receiver.columns import ColumnType
+from receiver.db import bytes_contain, json_text
 from receiver.models import Delivery, Output, ResultColumn, ResultTable, Task
 from receiver.schema import result_table
 from receiver.states import DeliveryStatus
@@ -90,7 +88,7 @@ class DeliveryFilter:
     #: Exactly this quarantine reason.
     reason: str | None = None
 
-    def apply(self, query: Select[*tuple[Any, ...]], dialect: str) -> Select[*tuple[Any, ...]]:
+    def apply(self, query: Select[*tuple[Any, ...]], engine: Engine) -> Select[*tuple[Any, ...]]:
         conditions: list[Any] = []
         for column, value in (
             (Delivery.hook, self.hook),
@@ -109,23 +107,10 @@ class DeliveryFilter:
             conditions.append(received_before(self.until))
         if self.label is not None:
             key, value = self.label
-            conditions.append(_label_value(key, dialect) == value)
+            conditions.append(json_text(engine, Delivery.labels, key) == value)
         if self.text:
-            needle = self.text.encode("utf-8")
-            if dialect == "sqlite":
-                conditions.append(func.instr(Delivery.body, needle) > 0)
-            else:
-                conditions.append(
-                    text("position(:needle in deliveries.body) > 0").bindparams(needle=needle)
-                )
+            conditions.append(bytes_contain(engine, Delivery.body, self.text.encode("utf-8")))
         return query.where(*conditions)
-
-
-def _label_value(key: str, dialect: str) -> Any:
-    if dialect == "sqlite":
-        path = '$."' + key.replace("\\", "\\\\").replace('"', '\\"') + '"'
-        return func.json_extract(Delivery.labels, path)
-    return func.jsonb_extract_path_text(cast(Delivery.labels, JSONB), key)
 
 
 #: The columns of a delivery listing (no body, no headers).
@@ -154,7 +139,7 @@ def list_deliveries(
     query = select(*DELIVERY_SUMMARY).order_by(Delivery.id.desc()).limit(limit)
     if before:
         query = query.where(Delivery.id < before)
-    query = where.apply(query, engine.dialect.name)
+    query = where.apply(query, engine)
     with engine.connect() as conn:
         return list(conn.execute(query).all())
 

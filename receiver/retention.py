@@ -35,7 +35,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Engine, and_, func, select, update
 
-from receiver.db import is_sqlite, utcnow, write_transaction
+from receiver.db import reclaim_space, unlocked, utcnow, write_transaction
 from receiver.models import Delivery
 from receiver.settings import parse_duration
 from receiver.states import DeliveryStatus
@@ -210,17 +210,8 @@ def prune(
 
 def _prune_batch(engine: Engine, ids: list[str], condition: ColumnElement[bool]) -> tuple[int, int]:
     """Empty the bodies of ``ids`` still prunable, in one transaction; (count, bytes)."""
-    target: ColumnElement[bool]
-    if is_sqlite(engine):
-        target = Delivery.id.in_(ids)
-    else:
-        # Rows another prune (or a reprocess) holds are skipped, not waited for.
-        locked = (
-            select(Delivery.id)
-            .where(Delivery.id.in_(ids), condition)
-            .with_for_update(skip_locked=True)
-        )
-        target = Delivery.id.in_(locked.scalar_subquery())
+    # Rows another prune (or a reprocess) holds are skipped, not waited for.
+    target = unlocked(engine, Delivery.id, Delivery.id.in_(ids), condition)
     statement = (
         update(Delivery)
         .where(target, condition)
@@ -233,43 +224,12 @@ def _prune_batch(engine: Engine, ids: list[str], condition: ColumnElement[bool])
 
 
 def vacuum(engine: Engine) -> VacuumReport:
-    """Give the space of pruned bodies back; the size before and after.
+    """Give the space of pruned bodies back (`receiver.db.reclaim_space`); the size before, after.
 
-    SQLite: a full ``VACUUM`` (the database was not created with
-    ``auto_vacuum=INCREMENTAL``, and switching needs a full ``VACUUM`` anyway),
-    then a WAL checkpoint so the file itself shrinks. It holds the write lock
-    throughout: ingest waits, and past ``LEDGER_WAIT_SECONDS`` spools.
-    PostgreSQL: plain ``VACUUM (ANALYZE)`` of ``deliveries``, which takes no
-    lock ingest waits for; it makes the space reusable (and returns the
-    table's empty tail pages), where ``VACUUM FULL`` would lock the table.
+    On SQLite it holds the write lock throughout: ingest waits, and past
+    ``LEDGER_WAIT_SECONDS`` spools. PostgreSQL's takes no lock ingest waits for.
     """
-    if is_sqlite(engine):
-        path = engine.url.database
-        if not path or path == ":memory:":
-            raise ValueError("vacuum needs an SQLite database file")
-
-        def size() -> int:
-            return sum(os.path.getsize(p) for p in (path, f"{path}-wal") if os.path.exists(p))
-
-        before = size()
-        # The raw connection is in autocommit (`create_db_engine`): VACUUM refuses a transaction.
-        raw = engine.raw_connection()
-        try:
-            cursor = raw.cursor()
-            cursor.execute("VACUUM")
-            cursor.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-            cursor.close()
-        finally:
-            raw.close()
-        return VacuumReport("VACUUM", before, size())
-
-    measure = "SELECT pg_total_relation_size('deliveries')"
-    with engine.connect() as conn:
-        before = int(conn.exec_driver_sql(measure).scalar_one())
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-        conn.exec_driver_sql("VACUUM (ANALYZE) deliveries")
-        after = int(conn.exec_driver_sql(measure).scalar_one())
-    return VacuumReport("VACUUM (ANALYZE) deliveries", before, after)
+    return VacuumReport(*reclaim_space(engine, "deliveries"))
 
 
 #: How often the automatic prune runs (and once at start).

@@ -26,6 +26,8 @@ from typing import Any
 
 from sqlalchemy import BigInteger, Column, Date, Engine, Float, MetaData, Table, Text, select, text
 
+from receiver.db import Bind, json_object_each_sql, lock_transaction, single_writer, utc_day_sql
+
 _views = MetaData()
 
 _MEASURES = (
@@ -102,41 +104,28 @@ def fold(engine: Engine) -> None:
     they stay fast. Rows of transactions not yet committed stay for the next
     fold; the advisory lock makes concurrent folds take turns.
     """
-    if engine.dialect.name == "sqlite":
-        return
+    if single_writer(engine):
+        return  # the triggers wrote the rollups themselves (migration 0003)
     with engine.begin() as conn:
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _FOLD_LOCK})
+        lock_transaction(conn, _FOLD_LOCK)
         for sql in _FOLDS:
             conn.execute(text(sql))
 
 
-_TASK_DAY = {
-    # SQLAlchemy stores SQLite timestamps as naive UTC text 'YYYY-MM-DD HH:MM:SS.ffffff'.
-    "sqlite": "substr(t.first_seen_at, 1, 10)",
-    "postgresql": "CAST(t.first_seen_at AT TIME ZONE 'UTC' AS date)",
-}
-#: A task's labels, one row each (none unless a JSON object), as in migration 0005.
-_TASK_LABELS = {
-    "sqlite": "json_each(CASE json_type(t.labels) WHEN 'object' THEN t.labels ELSE '{}' END)",
-    "postgresql": (
-        "jsonb_each_text(CASE jsonb_typeof(CAST(t.labels AS jsonb))"
-        " WHEN 'object' THEN CAST(t.labels AS jsonb) ELSE '{}' END)"
-    ),
-}
-
-
-def task_sums_sql(view: str, dialect: str, condition: str) -> str:
+def task_sums_sql(view: str, bind: Bind, condition: str) -> str:
     """A subquery: the rows of rollup ``view`` summed over the tasks ``t`` meeting ``condition``.
 
     What the rollup tables keep current, computed afresh (the definition the views
     had before migrations 0003 and 0005): the export sums the very tasks it exports
     with it, so a rollup row never counts a task that the run leaves out.
     """
-    day = _TASK_DAY[dialect]
+    day = utc_day_sql(bind, "t.first_seen_at")
     labelled = view == "cost_by_label"
     keys = [day, "t.hook", "t.status", *(["l.key", "l.value"] if labelled else [])]
     names = ["day", "hook", "status", *(["label_key", "label_value"] if labelled else [])]
-    source = "tasks AS t" + (f", {_TASK_LABELS[dialect]} AS l" if labelled else "")
+    # A task's labels, one row each (none unless a JSON object), as in migration 0005.
+    labels = json_object_each_sql(bind, "t.labels")
+    source = "tasks AS t" + (f", {labels} AS l" if labelled else "")
     sums = [
         "COUNT(*) AS tasks",
         "COUNT(*) - COUNT(t.cost_usd) AS tasks_unknown_cost",

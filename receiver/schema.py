@@ -50,7 +50,15 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeEngine
 
 from receiver.columns import ColumnType, sanitise_identifier, unique_identifier
-from receiver.db import insert_for, utcnow
+from receiver.db import (
+    add_columns,
+    adds_columns_at_once,
+    insert_for,
+    lock_transaction,
+    max_columns,
+    text_holds_nul,
+    utcnow,
+)
 from receiver.models import ResultColumn, ResultTable
 from receiver.rows import VALUE_KEY, FlatColumn, FlatTable, Key, column_name
 
@@ -93,11 +101,8 @@ ROW_NOTES: dict[str, ColumnType] = {
 }
 
 
-#: Columns a result table may have on each database, the receiver's own included. SQLite
-#: allows 2,000; PostgreSQL 1,600, but a row must also fit its 8 KB page, and a value moved
-#: out of line still takes 18 bytes there: 400 keeps every row within it.
-MAX_COLUMNS = {"sqlite": 1900, "postgresql": 400}
-#: Keys past the limit go, each under its original name, into this JSON column of the row.
+#: Keys past a table's column limit (`receiver.db.max_columns`) go, each under its original
+#: name, into this JSON column of the row.
 OVERFLOW_COLUMN = "_overflow"
 #: SQLite: adding this many columns or more to a table of at most this many rows rebuilds
 #: it in one copy instead of one ALTER per column.
@@ -176,20 +181,17 @@ def table_identity(path: tuple[str, ...], parent_path: tuple[str, ...] | None) -
 
 
 def lock_hook(conn: Connection, hook: str) -> None:
-    """On PostgreSQL, hold ``hook``'s load lock until the transaction ends.
+    """Hold ``hook``'s load lock until the transaction ends (`receiver.db.lock_transaction`).
 
     Without it, a load that has deleted rows (holding a lock on the table)
     and waits for the DDL lock deadlocks with a load that holds the DDL lock
     and waits to ``ALTER`` that table. Re-entrant within a transaction; free
     when `lock_hooks` already took it for this transaction.
     """
-    if conn.dialect.name != "postgresql" or hook in _held(conn, _HOOKS_HELD, set):
+    if hook in _held(conn, _HOOKS_HELD, set):
         return
     objid = zlib.crc32(hook.encode("utf-8", "surrogatepass")) - 2**31  # into int4
-    conn.execute(
-        text("SELECT pg_advisory_xact_lock(CAST(:c AS integer), CAST(:o AS integer))"),
-        {"c": _HOOK_LOCK, "o": objid},
-    )
+    lock_transaction(conn, _HOOK_LOCK, objid)
 
 
 def lock_hooks(conn: Connection, hooks: Iterable[str]) -> None:
@@ -199,8 +201,6 @@ def lock_hooks(conn: Connection, hooks: Iterable[str]) -> None:
     and later `lock_hook` calls in this transaction cost no round trip. The
     sorted order keeps two processes locking several hooks from deadlocking.
     """
-    if conn.dialect.name != "postgresql":
-        return
     ordered = sorted(set(hooks))
     for hook in ordered:
         lock_hook(conn, hook)
@@ -239,7 +239,8 @@ class Catalog:
     def __init__(self, conn: Connection, hook: str) -> None:
         self.conn = conn
         self.hook = hook
-        self.pg = conn.dialect.name == "postgresql"
+        #: Text cannot hold NUL here (PostgreSQL): `receiver.results` checks values for it.
+        self.pg = not text_holds_nul(conn)
         self._locked = False
         #: Tables this transaction created: on SQLite, still empty ones are made anew
         #: with all their columns in one CREATE TABLE (`columns`).
@@ -270,8 +271,7 @@ class Catalog:
         """Serialise DDL across processes, then re-read what others may have added."""
         if self._locked:
             return
-        if self.conn.dialect.name == "postgresql":
-            self.conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": _DDL_LOCK})
+        lock_transaction(self.conn, _DDL_LOCK)
         self._locked = True
         self._load()
 
@@ -294,7 +294,7 @@ class Catalog:
         table.create(self.conn, checkfirst=True)
         self._created.add(name)
         self.conn.execute(
-            insert_for(self.conn.dialect.name)(ResultTable)
+            insert_for(self.conn)(ResultTable)
             .values(
                 table_name=name,
                 hook=self.hook,
@@ -336,7 +336,7 @@ class Catalog:
         found = table.columns.get(key)
         if found is not None:
             return found[0]
-        if key != OVERFLOW_KEY and table.real_columns() >= MAX_COLUMNS[self.conn.dialect.name] - 1:
+        if key != OVERFLOW_KEY and table.real_columns() >= max_columns(self.conn) - 1:
             # The table is full: the key's values go to the row's overflow column.
             self.column(table, OVERFLOW_KEY, OVERFLOW_COLUMN, ColumnType.JSON)
             table.columns[key] = (OVERFLOW_MARK + key, type_)
@@ -345,7 +345,7 @@ class Catalog:
         name = unique_identifier(suggested, taken)
         add_column(self.conn, table.name, name, type_)
         self.conn.execute(
-            insert_for(self.conn.dialect.name)(ResultColumn)
+            insert_for(self.conn)(ResultColumn)
             .values(
                 table_name=table.name,
                 column_name=name,
@@ -382,7 +382,7 @@ class Catalog:
             if spec[0] not in table.columns:
                 first.setdefault(spec[0], spec)
         missing = list(first.values())
-        room = max(0, MAX_COLUMNS[self.conn.dialect.name] - 1 - table.real_columns())
+        room = max(0, max_columns(self.conn) - 1 - table.real_columns())
         fitting, rest = missing[:room], missing[room:]
         taken = {name for name, _ in table.columns.values()} | {n for n, _ in SYSTEM_COLUMNS}
         added: list[tuple[str, str, ColumnType]] = []
@@ -394,7 +394,7 @@ class Catalog:
             self._add_columns(table, [(name, type_) for _, name, type_ in added])
             start = len(table.columns)
             self.conn.execute(
-                insert_for(self.conn.dialect.name)(ResultColumn).on_conflict_do_nothing(),
+                insert_for(self.conn)(ResultColumn).on_conflict_do_nothing(),
                 [
                     {
                         "table_name": table.name,
@@ -413,16 +413,12 @@ class Catalog:
             self.column(table, *spec)
 
     def _add_columns(self, table: TableInfo, new: list[tuple[str, ColumnType]]) -> None:
-        quote = self.conn.dialect.identifier_preparer.quote
-        if self.conn.dialect.name == "postgresql":
-            dialect = self.conn.dialect
-            clauses = ", ".join(
-                f"ADD COLUMN IF NOT EXISTS {quote(n)} {SQL_TYPES[t].compile(dialect=dialect)}"
-                for n, t in new
-            )
-            self.conn.execute(text(f"ALTER TABLE {quote(table.name)} {clauses}"))
+        typed = [(n, SQL_TYPES[t]) for n, t in new]
+        if adds_columns_at_once(self.conn):
+            add_columns(self.conn, table.name, typed)
             return
-        name = quote(table.name)
+        # One column per ALTER (SQLite): a table still empty, or small, is made anew wider.
+        name = self.conn.dialect.identifier_preparer.quote(table.name)
         real = [c for c in table.columns.values() if not is_overflow(c[0])]
         empty = self.conn.execute(text(f"SELECT 1 FROM {name} LIMIT 1")).first() is None
         if table.name in self._created and empty:
@@ -447,8 +443,7 @@ class Catalog:
                 return
             except DBAPIError:  # e.g. a view of the user's that names the table
                 savepoint.rollback()
-        for column, type_ in new:
-            add_column(self.conn, table.name, column, type_)
+        add_columns(self.conn, table.name, typed)  # one ALTER per column
 
     def _rebuild_sqlite(
         self,
@@ -477,16 +472,7 @@ def _pk(table_name: str) -> PrimaryKeyConstraint:
 
 def add_column(conn: Connection, table: str, column: str, type_: ColumnType) -> None:
     """``ALTER TABLE ADD COLUMN``, tolerating a column another process added first."""
-    quote = conn.dialect.identifier_preparer.quote
-    sql_type = SQL_TYPES[type_].compile(dialect=conn.dialect)
-    if conn.dialect.name == "postgresql":
-        conn.execute(
-            text(f"ALTER TABLE {quote(table)} ADD COLUMN IF NOT EXISTS {quote(column)} {sql_type}")
-        )
-        return
-    existing = {row[1] for row in conn.execute(text(f"PRAGMA table_info({quote(table)})"))}
-    if column not in existing:
-        conn.execute(text(f"ALTER TABLE {quote(table)} ADD COLUMN {quote(column)} {sql_type}"))
+    add_columns(conn, table, [(column, SQL_TYPES[type_])])
 
 
 # --------------------------------------------------------------------------- declared schemas

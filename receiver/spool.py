@@ -33,7 +33,7 @@ from typing import Any
 
 from sqlalchemy import Engine
 
-from receiver.db import is_sqlite
+from receiver.db import begin_raw_write
 from receiver.errors import SpoolCorrupt, SpoolUnavailable
 from receiver.ledger import OnCommitted, RawDelivery, tell_committed, write_deliveries
 from receiver.workers import Restarts, supervised
@@ -257,8 +257,7 @@ class SpoolDrainer:
             self._conn = self.engine.raw_connection()
         cursor = self._conn.cursor()
         try:
-            if is_sqlite(self.engine):
-                cursor.execute("BEGIN IMMEDIATE")
+            begin_raw_write(self.engine, cursor)
             results = write_deliveries(self.engine, cursor, [d for _, d in items])
         except BaseException:
             self._conn.rollback()

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Engine, and_, func, select, union
 
-from receiver.db import utcnow
+from receiver.db import utc_day_text, utcnow
 from receiver.models import Delivery, Task
 from receiver.states import DeliveryStatus
 
@@ -138,9 +138,7 @@ def exported_recently(
 def task_day(engine: Engine) -> Any:
     """A task's ``first_seen_at`` UTC day as ``YYYY-MM-DD`` text, in SQL."""
 
-    if engine.dialect.name == "sqlite":
-        return func.substr(Task.first_seen_at, 1, 10)
-    return func.to_char(func.timezone("UTC", Task.first_seen_at), "YYYY-MM-DD")
+    return utc_day_text(engine, Task.first_seen_at)
 
 
 #: Delivery ids per ``IN`` list when looking up their tasks.

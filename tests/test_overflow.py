@@ -16,8 +16,9 @@ from typing import Any
 import httpx
 from sqlalchemy import Connection, Engine, select, text
 
+from receiver.db import MAX_COLUMNS
 from receiver.models import Delivery, ResultColumn, ResultTable
-from receiver.schema import MAX_COLUMNS, OVERFLOW_COLUMN
+from receiver.schema import OVERFLOW_COLUMN
 from tests.conftest import TOKEN
 from tests.live import live_server
 from tests.readback import settle
