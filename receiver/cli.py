@@ -5,11 +5,8 @@ Each command's docstring is its ``--help``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -438,15 +435,22 @@ def prune(
     from receiver import retention
     from receiver.db import utcnow
     from receiver.settings import parse_duration
+    from receiver.terminal import Progress
 
     try:
         cutoff = utcnow() - parse_duration(older_than)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--older-than") from error
     engine = _engine(ctx)
-    with _prune_progress(shown=not dry_run) as shown:
+    # A dry run only counts: nothing to show progress of.
+    progress = Progress("pruning", None, quiet=dry_run)
+
+    def show(done: int, size: int, planned: int) -> None:
+        progress.advance(done, f"pruned {done:,} deliveries, {size:,} B", total=planned)
+
+    with progress.shown():
         report = retention.prune(
-            engine, cutoff, include_quarantined=include_quarantined, dry_run=dry_run, progress=shown
+            engine, cutoff, include_quarantined=include_quarantined, dry_run=dry_run, progress=show
         )
     if vacuum_ and not dry_run:
         report.vacuum = retention.vacuum(engine)
@@ -454,23 +458,6 @@ def prune(
         click.echo(json.dumps(report.as_dict()))
         return
     _print_table("prune (dry run)" if dry_run else "prune", ["", "value"], report.rows())
-
-
-@contextlib.contextmanager
-def _prune_progress(*, shown: bool) -> Iterator[Callable[[int, int, int], None] | None]:
-    """A progress bar on a terminal (stderr), one plain line per batch otherwise."""
-    if not shown:
-        yield None
-        return
-    if not sys.stderr.isatty():
-        yield lambda done, size, _: click.echo(f"pruned {done:,} deliveries ({size:,} B)", err=True)
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True)) as bar:
-        task = bar.add_task("pruning")
-        yield lambda done, _, planned: bar.update(task, completed=done, total=planned)
 
 
 @main.command("export")
