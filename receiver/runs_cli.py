@@ -165,6 +165,7 @@ def run(
     """
     from receiver.db import upgrade
     from receiver.runs import launch, run_token
+    from receiver.terminal import Progress
 
     settings = _settings(ctx)
     configs = _configs(task, config_file, from_file, output_type, schema_file, max_duration)
@@ -174,8 +175,11 @@ def run(
     token = run_token(engine, settings, hook)
     launched: list[RunInfo] = []
     failures: list[str] = []
-    with _client(settings) as client:
-        if from_file is None:
+    # A single task is a batch of one that shows no progress and whose refusal ends it.
+    single = from_file is None
+    progress = Progress("launching", len(configs), quiet=single)
+    with _client(settings) as client, progress.shown():
+        for done, config in enumerate(configs, 1):
             try:
                 launched.append(
                     launch(
@@ -183,33 +187,17 @@ def run(
                         settings,
                         client,
                         hook=hook,
-                        config=configs[0],
+                        config=config,
                         token=token,
                         submitted_data=submitted_data,
                         labels=wanted,
                     )
                 )
             except WebRunError as exc:
-                raise click.ClickException(f"launch failed: {exc}") from exc
-        else:
-            from rich.progress import track
-
-            for config in track(configs, description="launching", transient=True):
-                try:
-                    launched.append(
-                        launch(
-                            engine,
-                            settings,
-                            client,
-                            hook=hook,
-                            config=config,
-                            token=token,
-                            submitted_data=submitted_data,
-                            labels=wanted,
-                        )
-                    )
-                except WebRunError as exc:
-                    failures.append(str(exc))
+                if single:
+                    raise click.ClickException(f"launch failed: {exc}") from exc
+                failures.append(str(exc))
+            progress.advance(done)
     _render(launched, format_, "launched")
     if failures:
         raise click.ClickException(f"{len(failures)} launch(es) failed; first: {failures[0]}")
