@@ -15,6 +15,7 @@ import click
 from receiver import inspection
 from receiver.db import create_db_engine
 from receiver.settings import Settings
+from receiver.terminal import Format
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -411,13 +412,7 @@ def reprocess(
 @click.option("--dry-run", is_flag=True, help="only count what would be removed")
 @click.option("--include-quarantined", is_flag=True, help="prune quarantined bodies too")
 @click.option("--vacuum", "vacuum_", is_flag=True, help="then give the space back (see README)")
-@click.option(
-    "--format",
-    "format_",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-)
+@inspection.format_option(Format.TABLE, Format.JSON)
 @click.pass_context
 def prune(
     ctx: click.Context,

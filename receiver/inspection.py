@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from receiver.states import DeliveryStatus
+from receiver.terminal import Format
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -28,18 +29,27 @@ def since_option(help_: str = "only what is newer: an ISO time, or a day (YYYY-M
     return click.option("--since", help=help_)
 
 
+def format_option(*formats: Format) -> Callable[[Any], Any]:
+    """--format, as every command that has one spells it (default: every format; a command
+    whose answer is no list of flat records offers fewer)."""
+    names = [f.value for f in formats or Format]
+    whole = [name for name in names if name != Format.TABLE]
+    carry = "carry" if len(whole) > 1 else "carries"
+    return click.option(
+        "--format",
+        "format_",
+        type=click.Choice(names),
+        default=Format.TABLE.value,
+        show_default=True,
+        help=f"table fits the terminal; {' and '.join(whole)} {carry} every value whole",
+    )
+
+
 def listing_options(default_limit: int | None = 50) -> Callable[[Any], Any]:
     """--format, --limit and --since, as every listing takes them."""
 
     def decorate(command: Any) -> Any:
-        command = click.option(
-            "--format",
-            "format_",
-            type=click.Choice(["table", "json", "csv"]),
-            default="table",
-            show_default=True,
-            help="table fits the terminal; json and csv carry every value whole",
-        )(command)
+        command = format_option()(command)
         command = click.option(
             "--limit",
             type=click.IntRange(min=1),
@@ -356,14 +366,7 @@ def tasks_show(ctx: click.Context, session_or_task: str, task_id: str | None) ->
 )
 @click.option("--since", help="first UTC day (YYYY-MM-DD), inclusive")
 @click.option("--until", help="last UTC day (YYYY-MM-DD), inclusive")
-@click.option(
-    "--format",
-    "format_",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-    help="table fits the terminal; json and csv carry every value whole",
-)
+@format_option()
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="at most this many groups")
 @click.pass_context
 def costs(

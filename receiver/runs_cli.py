@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from receiver.errors import WebRunError
+from receiver.inspection import format_option
+from receiver.terminal import Format
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -140,9 +142,7 @@ def _configs(
 @click.option("--schema", "schema_file", type=click.File("r"), help="outputSchema (JSON)")
 @click.option("--max-duration", type=int, help="maxDuration in milliseconds (1000-300000)")
 @click.option("--label", "labels", multiple=True, help="label KEY=VALUE on the webhook URL")
-@click.option(
-    "--format", "format_", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@format_option(Format.TABLE, Format.JSON)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -212,9 +212,7 @@ def runs() -> None:
 @click.option("--state", "states", multiple=True, help="launched, delivered, reconciled, ...")
 @click.option("--hook")
 @click.option("--limit", default=100, show_default=True)
-@click.option(
-    "--format", "format_", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@format_option(Format.TABLE, Format.JSON)
 @click.pass_context
 def runs_list(
     ctx: click.Context, states: tuple[str, ...], hook: str | None, limit: int, format_: str

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import IO, Any
 
-FORMATS = ("table", "json", "csv")
-
 
 class Format(StrEnum):
     TABLE = "table"

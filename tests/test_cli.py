@@ -309,6 +309,24 @@ def test_the_readmes_cli_reference_is_current() -> None:
         assert f"### `receiver {' '.join(path)}`" in readme
 
 
+def test_every_format_option_is_spelt_alike() -> None:
+    """One --format option (receiver.inspection.format_option) for every command that has one."""
+    found = {}
+    for path in all_commands(main):
+        command = main
+        for name in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[name]
+        for param in command.params:
+            if "--format" in getattr(param, "opts", ()):
+                assert isinstance(param, click.Option)
+                assert isinstance(param.type, click.Choice)
+                found[" ".join(path)] = (param.name, param.default, param.type.choices[0])
+                assert (param.help or "").startswith("table fits the terminal; json ")
+    assert set(found.values()) == {("format_", "table", "table")}
+    assert {"prune", "run", "runs list", "costs", "tasks list"} <= found.keys()
+
+
 @pytest.mark.parametrize("path", [pytest.param(p, id=" ".join(p)) for p in all_commands(main)])
 def test_help_is_plain_text(path: tuple[str, ...]) -> None:
     """No reST or Markdown markup, no pointers into the code: help points at the README."""
