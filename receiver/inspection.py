@@ -382,10 +382,10 @@ def costs(
     Tasks of unknown cost are counted apart (the unknown cost column), never as $0.
     A sum marked + leaves out tasks that did not report that value.
     """
-    import csv
     import datetime as dt
 
     from receiver import rollups
+    from receiver.terminal import Column, print_listing
 
     # An older schema would fail with a raw SQL error, or sum an older rollup: _engine checks.
     engine = _engine(ctx)
@@ -399,33 +399,26 @@ def costs(
     if limit is not None:
         rows = rows[:limit]
     columns = list(by)
-    records = [r.as_dict(columns) for r in rows]
-    if format_ == "json":
-        click.echo(json.dumps(records, indent=2))
+    listed = [
+        *(Column(c, c, whole=c in ("day", "week", "month", "status")) for c in columns),
+        Column("tasks", "tasks", right=True, whole=True),
+        Column("tasks_unknown_cost", "cost unknown", right=True, whole=True),
+        Column("input_tokens", "in tokens", right=True, drop=2),
+        Column("output_tokens", "out tokens", right=True, drop=1),
+        Column("total_tokens", "tokens", right=True, drop=4),
+        Column("compute_time_s", "compute s", right=True, drop=3),
+        Column("cost_usd", "USD", right=True, whole=True),
+    ]
+    if format_ != Format.TABLE:
+        print_listing("costs", listed, [r.as_dict(columns) for r in rows], format_)
         return
-    if format_ == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=[*columns, *rollups.MEASURES])
-        writer.writeheader()
-        writer.writerows(records)
-        return
-    from receiver.terminal import Column, print_listing
-
     total = rollups.total(rows)
     shown = [_measure_cells(columns, r) for r in rows]
     shown.append(_measure_cells(columns, total, label="total"))
     partial = bool(total.partial)
     print_listing(
         "costs",
-        [
-            *(Column(c, c, whole=c in ("day", "week", "month", "status")) for c in columns),
-            Column("tasks", "tasks", right=True, whole=True),
-            Column("tasks_unknown_cost", "cost unknown", right=True, whole=True),
-            Column("input_tokens", "in tokens", right=True, drop=2),
-            Column("output_tokens", "out tokens", right=True, drop=1),
-            Column("total_tokens", "tokens", right=True, drop=4),
-            Column("compute_time_s", "compute s", right=True, drop=3),
-            Column("cost_usd", "USD", right=True, whole=True),
-        ],
+        listed,
         shown,
         note="+: the sum of the tasks that reported it; others did not (unknown)"
         if partial

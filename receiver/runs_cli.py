@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,7 +17,7 @@ import click
 
 from receiver.errors import WebRunError
 from receiver.inspection import format_option
-from receiver.terminal import Format
+from receiver.terminal import Column, Format, print_listing
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -29,7 +30,17 @@ if TYPE_CHECKING:
 #: every command, and `receiver costs` must answer fast (a test keeps the two equal).
 SUBMITTED_DATA = ("full_response", "ai_response", "just_ping")
 
-_COLUMNS = ["run", "hook", "state", "session", "task", "created", "attempts", "last error"]
+#: The runs table; --format json has every field, whole.
+_COLUMNS = [
+    Column("id", "run"),
+    Column("hook", "hook"),
+    Column("state", "state"),
+    Column("session_id", "session"),
+    Column("task_id", "task"),
+    Column("created_at", "created"),
+    Column("attempts", "attempts"),
+    Column("last_error", "last error"),
+]
 
 
 def _engine(ctx: click.Context) -> Engine:
@@ -44,30 +55,8 @@ def _settings(ctx: click.Context) -> Settings:
     return settings_of(ctx)
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from receiver.cli import _print_table as print_table
-
-    print_table(title, columns, rows)
-
-
-def _row(run: RunInfo) -> list[Any]:
-    return [
-        run.id,
-        run.hook,
-        run.state,
-        run.session_id,
-        run.task_id,
-        run.created_at,
-        run.attempts,
-        run.last_error,
-    ]
-
-
 def _render(runs: list[RunInfo], format_: str, title: str = "runs") -> None:
-    if format_ == "json":
-        click.echo(json.dumps([r.as_dict() for r in runs], indent=2))
-    else:
-        _print_table(title, _COLUMNS, [_row(r) for r in runs])
+    print_listing(title, _COLUMNS, [asdict(r) for r in runs], format_)
 
 
 def _client(settings: Settings) -> WebRunClient:

@@ -313,7 +313,7 @@ def test_every_format_option_is_spelt_alike() -> None:
     """One --format option (receiver.inspection.format_option) for every command that has one."""
     found = {}
     for path in all_commands(main):
-        command = main
+        command: click.Command = main
         for name in path:
             assert isinstance(command, click.Group)
             command = command.commands[name]
