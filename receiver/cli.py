@@ -5,11 +5,8 @@ Each command's docstring is its ``--help``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import sys
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,6 +15,7 @@ import click
 from receiver import inspection
 from receiver.db import create_db_engine
 from receiver.settings import Settings
+from receiver.terminal import Format
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -414,13 +412,7 @@ def reprocess(
 @click.option("--dry-run", is_flag=True, help="only count what would be removed")
 @click.option("--include-quarantined", is_flag=True, help="prune quarantined bodies too")
 @click.option("--vacuum", "vacuum_", is_flag=True, help="then give the space back (see README)")
-@click.option(
-    "--format",
-    "format_",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-)
+@inspection.format_option(Format.TABLE, Format.JSON)
 @click.pass_context
 def prune(
     ctx: click.Context,
@@ -438,15 +430,22 @@ def prune(
     from receiver import retention
     from receiver.db import utcnow
     from receiver.settings import parse_duration
+    from receiver.terminal import Progress
 
     try:
         cutoff = utcnow() - parse_duration(older_than)
     except ValueError as error:
         raise click.BadParameter(str(error), param_hint="--older-than") from error
     engine = _engine(ctx)
-    with _prune_progress(shown=not dry_run) as shown:
+    # A dry run only counts: nothing to show progress of.
+    progress = Progress("pruning", None, quiet=dry_run)
+
+    def show(done: int, size: int, planned: int) -> None:
+        progress.advance(done, f"pruned {done:,} deliveries, {size:,} B", total=planned)
+
+    with progress.shown():
         report = retention.prune(
-            engine, cutoff, include_quarantined=include_quarantined, dry_run=dry_run, progress=shown
+            engine, cutoff, include_quarantined=include_quarantined, dry_run=dry_run, progress=show
         )
     if vacuum_ and not dry_run:
         report.vacuum = retention.vacuum(engine)
@@ -454,23 +453,6 @@ def prune(
         click.echo(json.dumps(report.as_dict()))
         return
     _print_table("prune (dry run)" if dry_run else "prune", ["", "value"], report.rows())
-
-
-@contextlib.contextmanager
-def _prune_progress(*, shown: bool) -> Iterator[Callable[[int, int, int], None] | None]:
-    """A progress bar on a terminal (stderr), one plain line per batch otherwise."""
-    if not shown:
-        yield None
-        return
-    if not sys.stderr.isatty():
-        yield lambda done, size, _: click.echo(f"pruned {done:,} deliveries ({size:,} B)", err=True)
-        return
-    from rich.console import Console
-    from rich.progress import Progress
-
-    with Progress(console=Console(stderr=True)) as bar:
-        task = bar.add_task("pruning")
-        yield lambda done, _, planned: bar.update(task, completed=done, total=planned)
 
 
 @main.command("export")

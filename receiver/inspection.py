@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from receiver.states import DeliveryStatus
+from receiver.terminal import Format
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -28,18 +29,27 @@ def since_option(help_: str = "only what is newer: an ISO time, or a day (YYYY-M
     return click.option("--since", help=help_)
 
 
+def format_option(*formats: Format) -> Callable[[Any], Any]:
+    """--format, as every command that has one spells it (default: every format; a command
+    whose answer is no list of flat records offers fewer)."""
+    names = [f.value for f in formats or Format]
+    whole = [name for name in names if name != Format.TABLE]
+    carry = "carry" if len(whole) > 1 else "carries"
+    return click.option(
+        "--format",
+        "format_",
+        type=click.Choice(names),
+        default=Format.TABLE.value,
+        show_default=True,
+        help=f"table fits the terminal; {' and '.join(whole)} {carry} every value whole",
+    )
+
+
 def listing_options(default_limit: int | None = 50) -> Callable[[Any], Any]:
     """--format, --limit and --since, as every listing takes them."""
 
     def decorate(command: Any) -> Any:
-        command = click.option(
-            "--format",
-            "format_",
-            type=click.Choice(["table", "json", "csv"]),
-            default="table",
-            show_default=True,
-            help="table fits the terminal; json and csv carry every value whole",
-        )(command)
+        command = format_option()(command)
         command = click.option(
             "--limit",
             type=click.IntRange(min=1),
@@ -356,14 +366,7 @@ def tasks_show(ctx: click.Context, session_or_task: str, task_id: str | None) ->
 )
 @click.option("--since", help="first UTC day (YYYY-MM-DD), inclusive")
 @click.option("--until", help="last UTC day (YYYY-MM-DD), inclusive")
-@click.option(
-    "--format",
-    "format_",
-    type=click.Choice(["table", "json", "csv"]),
-    default="table",
-    show_default=True,
-    help="table fits the terminal; json and csv carry every value whole",
-)
+@format_option()
 @click.option("--limit", type=click.IntRange(min=1), metavar="N", help="at most this many groups")
 @click.pass_context
 def costs(
@@ -379,10 +382,10 @@ def costs(
     Tasks of unknown cost are counted apart (the unknown cost column), never as $0.
     A sum marked + leaves out tasks that did not report that value.
     """
-    import csv
     import datetime as dt
 
     from receiver import rollups
+    from receiver.terminal import Column, print_listing
 
     # An older schema would fail with a raw SQL error, or sum an older rollup: _engine checks.
     engine = _engine(ctx)
@@ -396,33 +399,26 @@ def costs(
     if limit is not None:
         rows = rows[:limit]
     columns = list(by)
-    records = [r.as_dict(columns) for r in rows]
-    if format_ == "json":
-        click.echo(json.dumps(records, indent=2))
+    listed = [
+        *(Column(c, c, whole=c in ("day", "week", "month", "status")) for c in columns),
+        Column("tasks", "tasks", right=True, whole=True),
+        Column("tasks_unknown_cost", "cost unknown", right=True, whole=True),
+        Column("input_tokens", "in tokens", right=True, drop=2),
+        Column("output_tokens", "out tokens", right=True, drop=1),
+        Column("total_tokens", "tokens", right=True, drop=4),
+        Column("compute_time_s", "compute s", right=True, drop=3),
+        Column("cost_usd", "USD", right=True, whole=True),
+    ]
+    if format_ != Format.TABLE:
+        print_listing("costs", listed, [r.as_dict(columns) for r in rows], format_)
         return
-    if format_ == "csv":
-        writer = csv.DictWriter(sys.stdout, fieldnames=[*columns, *rollups.MEASURES])
-        writer.writeheader()
-        writer.writerows(records)
-        return
-    from receiver.terminal import Column, print_listing
-
     total = rollups.total(rows)
     shown = [_measure_cells(columns, r) for r in rows]
     shown.append(_measure_cells(columns, total, label="total"))
     partial = bool(total.partial)
     print_listing(
         "costs",
-        [
-            *(Column(c, c, whole=c in ("day", "week", "month", "status")) for c in columns),
-            Column("tasks", "tasks", right=True, whole=True),
-            Column("tasks_unknown_cost", "cost unknown", right=True, whole=True),
-            Column("input_tokens", "in tokens", right=True, drop=2),
-            Column("output_tokens", "out tokens", right=True, drop=1),
-            Column("total_tokens", "tokens", right=True, drop=4),
-            Column("compute_time_s", "compute s", right=True, drop=3),
-            Column("cost_usd", "USD", right=True, whole=True),
-        ],
+        listed,
         shown,
         note="+: the sum of the tasks that reported it; others did not (unknown)"
         if partial

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
 from receiver.errors import WebRunError
+from receiver.inspection import format_option
+from receiver.terminal import Column, Format, print_listing
 
 if TYPE_CHECKING:
     from sqlalchemy import Engine
@@ -27,7 +30,17 @@ if TYPE_CHECKING:
 #: every command, and `receiver costs` must answer fast (a test keeps the two equal).
 SUBMITTED_DATA = ("full_response", "ai_response", "just_ping")
 
-_COLUMNS = ["run", "hook", "state", "session", "task", "created", "attempts", "last error"]
+#: The runs table; --format json has every field, whole.
+_COLUMNS = [
+    Column("id", "run"),
+    Column("hook", "hook"),
+    Column("state", "state"),
+    Column("session_id", "session"),
+    Column("task_id", "task"),
+    Column("created_at", "created"),
+    Column("attempts", "attempts"),
+    Column("last_error", "last error"),
+]
 
 
 def _engine(ctx: click.Context) -> Engine:
@@ -42,30 +55,8 @@ def _settings(ctx: click.Context) -> Settings:
     return settings_of(ctx)
 
 
-def _print_table(title: str, columns: list[str], rows: list[list[Any]]) -> None:
-    from receiver.cli import _print_table as print_table
-
-    print_table(title, columns, rows)
-
-
-def _row(run: RunInfo) -> list[Any]:
-    return [
-        run.id,
-        run.hook,
-        run.state,
-        run.session_id,
-        run.task_id,
-        run.created_at,
-        run.attempts,
-        run.last_error,
-    ]
-
-
 def _render(runs: list[RunInfo], format_: str, title: str = "runs") -> None:
-    if format_ == "json":
-        click.echo(json.dumps([r.as_dict() for r in runs], indent=2))
-    else:
-        _print_table(title, _COLUMNS, [_row(r) for r in runs])
+    print_listing(title, _COLUMNS, [asdict(r) for r in runs], format_)
 
 
 def _client(settings: Settings) -> WebRunClient:
@@ -140,9 +131,7 @@ def _configs(
 @click.option("--schema", "schema_file", type=click.File("r"), help="outputSchema (JSON)")
 @click.option("--max-duration", type=int, help="maxDuration in milliseconds (1000-300000)")
 @click.option("--label", "labels", multiple=True, help="label KEY=VALUE on the webhook URL")
-@click.option(
-    "--format", "format_", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@format_option(Format.TABLE, Format.JSON)
 @click.pass_context
 def run(
     ctx: click.Context,
@@ -165,6 +154,7 @@ def run(
     """
     from receiver.db import upgrade
     from receiver.runs import launch, run_token
+    from receiver.terminal import Progress
 
     settings = _settings(ctx)
     configs = _configs(task, config_file, from_file, output_type, schema_file, max_duration)
@@ -174,8 +164,11 @@ def run(
     token = run_token(engine, settings, hook)
     launched: list[RunInfo] = []
     failures: list[str] = []
-    with _client(settings) as client:
-        if from_file is None:
+    # A single task is a batch of one that shows no progress and whose refusal ends it.
+    single = from_file is None
+    progress = Progress("launching", len(configs), quiet=single)
+    with _client(settings) as client, progress.shown():
+        for done, config in enumerate(configs, 1):
             try:
                 launched.append(
                     launch(
@@ -183,33 +176,17 @@ def run(
                         settings,
                         client,
                         hook=hook,
-                        config=configs[0],
+                        config=config,
                         token=token,
                         submitted_data=submitted_data,
                         labels=wanted,
                     )
                 )
             except WebRunError as exc:
-                raise click.ClickException(f"launch failed: {exc}") from exc
-        else:
-            from rich.progress import track
-
-            for config in track(configs, description="launching", transient=True):
-                try:
-                    launched.append(
-                        launch(
-                            engine,
-                            settings,
-                            client,
-                            hook=hook,
-                            config=config,
-                            token=token,
-                            submitted_data=submitted_data,
-                            labels=wanted,
-                        )
-                    )
-                except WebRunError as exc:
-                    failures.append(str(exc))
+                if single:
+                    raise click.ClickException(f"launch failed: {exc}") from exc
+                failures.append(str(exc))
+            progress.advance(done)
     _render(launched, format_, "launched")
     if failures:
         raise click.ClickException(f"{len(failures)} launch(es) failed; first: {failures[0]}")
@@ -224,9 +201,7 @@ def runs() -> None:
 @click.option("--state", "states", multiple=True, help="launched, delivered, reconciled, ...")
 @click.option("--hook")
 @click.option("--limit", default=100, show_default=True)
-@click.option(
-    "--format", "format_", type=click.Choice(["table", "json"]), default="table", show_default=True
-)
+@format_option(Format.TABLE, Format.JSON)
 @click.pass_context
 def runs_list(
     ctx: click.Context, states: tuple[str, ...], hook: str | None, limit: int, format_: str

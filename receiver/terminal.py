@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import IO, Any
 
-FORMATS = ("table", "json", "csv")
-
 
 class Format(StrEnum):
     TABLE = "table"
@@ -151,8 +149,9 @@ def count(value: float | None, spec: str = ",") -> str:
 
 
 class Progress:
-    """Counts done, for a long command: a bar with counts and rate on a terminal, a plain line
-    now and then otherwise, nothing when quiet. Always on stderr: stdout is the answer."""
+    """Counts done, for a long command (every command's progress goes through it): a bar with
+    counts and rate on a terminal, a plain line now and then otherwise (never spinner frames
+    or escapes in a log), nothing when quiet. Always on stderr: stdout is the answer."""
 
     def __init__(
         self, label: str, total: int | None, *, quiet: bool = False, stream: IO[str] | None = None
@@ -174,16 +173,28 @@ class Progress:
         seconds = time.monotonic() - self.started
         return f"{seconds:,.1f} s, {self.done / seconds:,.1f}/s" if seconds > 0 else ""
 
-    def advance(self, done: int, what: str = "", *, key: str = "") -> None:
-        """``done`` so far; ``what`` says it in words. Off a terminal a line is written every
-        2 s, when ``key`` (say, the table being written) changes, and at the end."""
+    def advance(
+        self, done: int, what: str = "", *, key: str = "", total: int | None = None
+    ) -> None:
+        """``done`` so far; ``what`` says it in words; ``total`` when it is known only once
+        the work has begun. Off a terminal a line is written every 2 s, when ``key`` (say,
+        the table being written) changes, and at the end."""
         self.done = done
         self._what = what
+        if total is not None:
+            self.total = total
         if self.quiet:
             return
         if self._bar is not None:
+            # With a total the bar counts itself, so it keeps the label; without, ``what``
+            # is what moves.
+            description = self.label if self.total is not None else what or self.label
             self._bar.update(
-                self._task, completed=done, description=what or self.label, rate=self._rate()
+                self._task,
+                completed=done,
+                total=self.total,
+                description=description,
+                rate=self._rate(),
             )
             return
         now = time.monotonic()

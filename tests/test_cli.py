@@ -2,22 +2,27 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
 import click
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, update
 from starlette.testclient import TestClient
 
 from receiver.app import create_app
 from receiver.cli import main, sample_deliveries
+from receiver.db import utcnow
 from receiver.models import Delivery
 from receiver.settings import Settings
 from tests.conftest import DELIVERIES, TOKEN
 from tests.live import ServerProcess, live_server
+from tests.readback import deliver
+from tests.test_terminal import progress_lines
 
 
 def run(db_url: str, *args: str, token: str | None = TOKEN) -> Result:
@@ -209,6 +214,36 @@ def test_hook_token_lifecycle(db_url: str, engine: Engine, tmp_path: Path) -> No
     assert [hook for hook, *_ in stored(engine)] == ["pricing"] * 3  # the 401s stored nothing
 
 
+def test_progress_off_a_terminal_is_plain_lines(
+    client: TestClient, engine: Engine, db_url: str, tmp_path: Path
+) -> None:
+    """reprocess, export and prune say how far they got on stderr, as plain lines when it is
+    no terminal (CliRunner's is not): no bar, no spinner frames; stdout is the answer alone."""
+    for i in range(3):
+        deliver(client, engine, "shop", json.dumps([{"n": i}]).encode())
+    with engine.begin() as conn:  # received an hour ago: prune --older-than 30m takes them
+        conn.execute(update(Delivery).values(received_at=utcnow() - dt.timedelta(hours=1)))
+
+    reprocessed = run(db_url, "reprocess")
+    assert json.loads(reprocessed.stdout) == {"deliveries": 3, "processed": 3}
+    lines = progress_lines(reprocessed.stderr, "reprocessing")
+    assert lines[0] == "reprocessing: started of 3"
+    assert re.fullmatch(r"reprocessing: 3/3 \(.+/s\)", lines[-1])
+
+    exported = run(db_url, "export", "--out", str(tmp_path / "export"))
+    assert json.loads(exported.stdout)["rows"]["deliveries"] == 3
+    lines = progress_lines(exported.stderr, "exporting")
+    assert lines[0] == "exporting: started"
+    assert any(line.startswith("exporting: deliveries: 3 rows (") for line in lines)
+
+    assert run(db_url, "prune", "--older-than", "30m", "--dry-run").stderr == ""  # counts only
+    pruned = run(db_url, "prune", "--older-than", "30m", "--format", "json")
+    assert json.loads(pruned.stdout)["deliveries"] == 3
+    lines = progress_lines(pruned.stderr, "pruning")
+    assert lines[0] == "pruning: started"
+    assert re.fullmatch(r"pruning: pruned 3 deliveries, [\d,]+ B \(.+/s\)", lines[-1])
+
+
 def test_settle_heap_freezes_what_exists_and_collects_first() -> None:
     """What `serve` calls after building its app: garbage is collected, survivors frozen."""
     import gc
@@ -272,6 +307,24 @@ def test_the_readmes_cli_reference_is_current() -> None:
     assert clidoc.main(["--check"]) == 0
     for path in all_commands(main):
         assert f"### `receiver {' '.join(path)}`" in readme
+
+
+def test_every_format_option_is_spelt_alike() -> None:
+    """One --format option (receiver.inspection.format_option) for every command that has one."""
+    found = {}
+    for path in all_commands(main):
+        command: click.Command = main
+        for name in path:
+            assert isinstance(command, click.Group)
+            command = command.commands[name]
+        for param in command.params:
+            if "--format" in getattr(param, "opts", ()):
+                assert isinstance(param, click.Option)
+                assert isinstance(param.type, click.Choice)
+                found[" ".join(path)] = (param.name, param.default, param.type.choices[0])
+                assert (param.help or "").startswith("table fits the terminal; json ")
+    assert set(found.values()) == {("format_", "table", "table")}
+    assert {"prune", "run", "runs list", "costs", "tasks list"} <= found.keys()
 
 
 @pytest.mark.parametrize("path", [pytest.param(p, id=" ".join(p)) for p in all_commands(main)])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +24,7 @@ from receiver.webrun import WebRunClient
 from tests.conftest import TOKEN, post
 from tests.live import live_server
 from tests.readback import hook_tables, raw_rows
+from tests.test_terminal import progress_lines
 
 KEY = "fake-key"
 SECRET = "hunter2-very-secret"
@@ -200,6 +202,56 @@ def test_cli_run_and_runs(db_url: str, fake: FakeWebRun, tmp_path: Path) -> None
     tracked = cli("runs", "track", "sess_x", "task_y", "--hook", "h")
     assert "task_y" in tracked
     assert len(json.loads(cli("runs", "list", "--format", "json"))) == 6
+
+
+def test_cli_runs_one_task_and_a_batch_alike(
+    db_url: str, engine: Engine, fake: FakeWebRun, tmp_path: Path
+) -> None:
+    """``--task`` is a batch of one: the same launch and answer, without progress, and its
+    refusal ends the command; a ``--from`` batch goes on past a refusal, counts on stderr in
+    plain lines (CliRunner's stderr is no terminal), then says what failed."""
+    from click.testing import CliRunner
+
+    from receiver.cli import main
+
+    batch = tmp_path / "tasks.jsonl"
+    lines = [{"taskDetails": "t0"}, {"taskDetails": "t1", "maxDuration": 5}, {"taskDetails": "t2"}]
+    batch.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    env = {
+        "RECEIVER_DATABASE_URL": db_url,
+        "RECEIVER_WEBRUN_URL": fake.url,
+        "RECEIVER_WEBRUN_API_KEY": KEY,
+    }
+
+    def cli(*args: str) -> Any:
+        obj: dict[str, Any] = {}
+        result = CliRunner().invoke(main, ["run", "--hook", "h", *args], env=env, obj=obj)
+        obj["engine"].dispose()
+        return result
+
+    single = cli("--task", "t", "--format", "json")
+    assert (single.exit_code, single.stderr) == (0, "")
+    [one] = json.loads(single.stdout)
+    assert (one["state"], one["config"]["taskDetails"]) == ("launched", "t")
+
+    many = cli("--from", str(batch), "--format", "json")
+    assert many.exit_code == 1
+    launched = json.loads(many.stdout)  # stdout is the answer alone
+    assert [r["config"]["taskDetails"] for r in launched] == ["t0", "t2"]
+    assert all(r.keys() == one.keys() for r in launched)
+    refusal = "WebRun answered 400: maxDuration must be 1000-300000"
+    *shown, error = many.stderr.splitlines()
+    assert error == f"Error: 1 launch(es) failed; first: {refusal}"
+    progress = progress_lines("\n".join(shown), "launching")
+    assert progress[0] == "launching: started of 3"
+    assert re.fullmatch(r"launching: 3/3 \(.+/s\)", progress[-1])
+
+    refused = cli("--task", "t", "--max-duration", "5")
+    assert refused.exit_code == 1
+    assert refused.stdout == ""
+    assert refused.stderr == f"Error: launch failed: {refusal}\n"
+    states = sorted(r.state for r in list_runs(engine))
+    assert states == [RunState.LAUNCH_FAILED] * 2 + [RunState.LAUNCHED] * 3
 
 
 def test_track_is_idempotent(engine: Engine, settings: Settings) -> None:
