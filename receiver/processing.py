@@ -21,7 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from receiver.attachments import file_rows, network_rows
 from receiver.classify import Envelope, Kind, OutputType, classify
 from receiver.correlation import correlate
-from receiver.db import utcnow, write_transaction
+from receiver.db import text_holds_nul, utcnow, write_transaction
 from receiver.encodings import decode_body
 from receiver.errors import Quarantine
 from receiver.inserts import HeldInserts
@@ -132,7 +132,7 @@ def process_deliveries(
 
         outcomes: dict[str, Outcome] = {}
         parsed: list[Parsed] = []
-        nul_ok = engine.dialect.name != "postgresql"
+        nul_ok = text_holds_nul(engine)
         for delivery_id in delivery_ids:
             delivery = found[delivery_id]
             if delivery.status == DeliveryStatus.DUPLICATE:
