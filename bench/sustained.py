@@ -275,15 +275,16 @@ def _s(value: float | None) -> str:
 def table(results: dict[str, Any]) -> str:
     """Figure 7 as a Markdown table (also pasted into bench/README.md)."""
     lines = [
-        "| db | load | target/s | offered/s | answered/s | p50 / p99 ms"
+        "| db | load | target/s | offered/s | answered/s | p50 / p99 ms | processed/s in stream"
         " | fresh p50 / p99 / max s | backlog max (mid -> end) | drain s |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for dialect, r in results.items():
         c, b = r["ceiling"], r["burst"]
         lines.append(
             f"| {dialect} | no-store ceiling, flat out | - | {c['deliveries_per_s']:.0f}"
-            f" | {c['deliveries_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f} | - | - | - |"
+            f" | {c['deliveries_per_s']:.0f} | {c['p50_ms']:.1f} / {c['p99_ms']:.1f}"
+            " | - | - | - | - |"
         )
         rows = [(f"burst, flat out (x{r['ratio_to_ceiling']} of ceiling)", b)]
         rows += [(f"paced {pace}", step) for pace, step in r["paces"].items()]
@@ -298,6 +299,7 @@ def table(results: dict[str, Any]) -> str:
             lines.append(
                 f"| {dialect} | {label} | {s.get('target_per_s', '-')} | {s['offered_per_s']:.0f}"
                 f" | {s['deliveries_per_s']:.0f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f}"
+                f" | {s['processed_per_s_during_stream']:.0f}"
                 f" | {_s(f['p50_s'])} / {_s(f['p99_s'])} / {_s(f['max_s'])}"
                 f" | {s['backlog_max']} ({s['backlog_mid']} -> {s['backlog_end']}{grew})"
                 f" | {drain} |"
