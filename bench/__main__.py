@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import export, ingest, large_results, reconcile, rollups
+from bench import export, ingest, large_results, reconcile, rollups, sustained
 from bench.databases import fresh_database, seed_tasks
 from bench.load import require_wrk
 
 RESULTS = Path(__file__).resolve().parent / "results"
-FIGURES = ("ingest", "large", "export", "rollups", "reconcile")
+FIGURES = ("ingest", "large", "export", "rollups", "reconcile", "sustained")
 
 
 def machine() -> dict[str, Any]:
@@ -180,8 +180,18 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000])
     parser.add_argument("--repeats", type=int, default=5, help="large deliveries per kind")
+    parser.add_argument(
+        "--sustain-seconds", type=int, default=60, help="length of each paced stream (sustained)"
+    )
+    parser.add_argument(
+        "--paces",
+        type=float,
+        nargs="*",
+        default=list(sustained.PACES),
+        help="paced streams as fractions of the burst rate (sustained)",
+    )
     args = parser.parse_args()
-    if {"ingest", "reconcile"} & set(args.only):
+    if {"ingest", "reconcile", "sustained"} & set(args.only):
         require_wrk()
     logs = RESULTS / "logs"
     results: dict[str, Any] = {
@@ -202,6 +212,11 @@ def main() -> None:
         results["reconcile"] = reconcile.run(
             args.db, args.connections, args.seconds, logs, args.rounds
         )
+    if "sustained" in args.only:
+        print("sustained streams ...", flush=True)
+        results["sustained"] = sustained.run(
+            args.db, args.connections, args.seconds, args.sustain_seconds, logs, tuple(args.paces)
+        )
     if {"export", "rollups"} & set(args.only):
         print("export and rollups ...", flush=True)
         exports, costs = analytics(args.db, sorted(args.sizes))
@@ -215,6 +230,8 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "latest.json").write_text(json.dumps(results, indent=2) + "\n")
     print(table(results))
+    if "sustained" in results:
+        print("\n" + sustained.table(results["sustained"]))
     print(f"\nwritten {RESULTS / 'latest.json'} in {results['seconds']} s")
     print(f"load average: {results['load_average_at_start']} -> {results['load_average_at_end']}")
 

@@ -2,7 +2,9 @@
 
 Every request carries a distinct ~2 KB ``ai_response`` JSON body (a counter
 is spliced in), so the receiver's dedupe never short-cuts a write. wrk's
-``done`` hook prints the summary as one JSON line, read back here.
+``done`` hook prints the summary as one JSON line, read back here. A paced
+load adds a ``delay()`` hook that keeps one schedule per wrk thread: a fixed
+per-connection delay falls short of its rate by each request's latency.
 """
 
 from __future__ import annotations
@@ -43,14 +45,16 @@ def ai_response_body(nonce: str, n: int) -> bytes:
 
 _LUA = r"""
 local template = [==[%(template)s]==]
-local counter = 0
+counter = 0  -- a global, so that done() can read each thread's count (thread:get)
 local prefix = "%(prefix)s"
+local threads = {}
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "%(token)s"
 
 function setup(thread)
   thread:set("prefix", prefix .. "-" .. tostring(math.random(1, 1000000000)))
+  table.insert(threads, thread)
 end
 
 function request()
@@ -61,13 +65,43 @@ end
 
 function done(summary, latency, requests)
   local e = summary.errors
+  local sent = 0
+  for _, t in ipairs(threads) do sent = sent + t:get("counter") end
   io.write(string.format(
-    '\nBENCH_JSON {"requests": %%d, "duration_us": %%d, "connect_errors": %%d, ' ..
+    '\nBENCH_JSON {"sent": %%d, "requests": %%d, "duration_us": %%d, "connect_errors": %%d, ' ..
     '"read_errors": %%d, "write_errors": %%d, "status_errors": %%d, "timeouts": %%d, ' ..
     '"p50_us": %%d, "p90_us": %%d, "p99_us": %%d, "max_us": %%d, "mean_us": %%f}\n',
-    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    sent, summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max,
     latency.mean))
+end
+"""
+
+_PACE = r"""
+-- One schedule per wrk thread: request k is due at start + k * interval (ms), and goes
+-- out on whichever of the thread's connections is free. A request overdue (every
+-- connection was waiting for an answer) goes out at once, catching up, unless it is
+-- more than a second late: then it is dropped from the schedule (not offered).
+-- The monotonic clock comes from libc through LuaJIT's FFI (wrk's Lua has none).
+local ffi = require("ffi")
+ffi.cdef[[
+typedef struct { long tv_sec; long tv_nsec; } bench_timespec;
+int clock_gettime(int clock_id, bench_timespec *ts);
+]]
+local ts = ffi.new("bench_timespec")
+local function now_ms()
+  ffi.C.clock_gettime(1, ts)  -- CLOCK_MONOTONIC
+  return tonumber(ts.tv_sec) * 1000 + tonumber(ts.tv_nsec) / 1e6
+end
+local interval_ms = %(interval_ms)r
+local next_ms = nil
+function delay()
+  local now = now_ms()
+  if next_ms == nil or next_ms < now - 1000 then next_ms = now end
+  local wait = next_ms - now
+  next_ms = next_ms + interval_ms
+  if wait < 0 then return 0 end
+  return math.floor(wait)
 end
 """
 
@@ -83,6 +117,8 @@ class LoadResult:
     p90_ms: float
     p99_ms: float
     max_ms: float
+    #: Requests wrk built (sent, or in flight when it stopped).
+    sent: int = 0
 
     @property
     def ok(self) -> int:
@@ -93,6 +129,11 @@ class LoadResult:
         """Successful deliveries per second."""
         return self.ok / self.seconds
 
+    @property
+    def offered(self) -> float:
+        """Requests sent per second."""
+        return self.sent / self.seconds
+
 
 def require_wrk() -> str:
     path = shutil.which("wrk")
@@ -102,9 +143,16 @@ def require_wrk() -> str:
 
 
 def run_wrk(
-    url: str, token: str, *, connections: int, seconds: int, threads: int = 1
+    url: str,
+    token: str,
+    *,
+    connections: int,
+    seconds: int,
+    threads: int = 1,
+    rate: float | None = None,
 ) -> LoadResult:
-    """POST unique ai_response bodies to ``url`` for ``seconds`` over ``connections``."""
+    """POST unique ai_response bodies to ``url`` for ``seconds`` over ``connections``:
+    flat out, or paced at ``rate`` requests a second (as far as the connections allow)."""
     wrk = require_wrk()
     template = ai_response_body("@@N@@", 0).decode().replace("Kettle @@N@@-0", "Kettle @@N@@")
     if "]==]" in template or '"' in token:
@@ -115,6 +163,8 @@ def run_wrk(
         "token": token,
         "path": "/" + url.split("/", 3)[3],
     }
+    if rate is not None:
+        script += _PACE % {"interval_ms": 1000.0 * threads / rate}
     with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
         f.write(script)
         lua = Path(f.name)
@@ -152,4 +202,5 @@ def run_wrk(
         p90_ms=raw["p90_us"] / 1e3,
         p99_ms=raw["p99_us"] / 1e3,
         max_ms=raw["max_us"] / 1e3,
+        sent=raw["sent"],
     )
