@@ -17,7 +17,10 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-INSTALL_HINT = "wrk is needed for the ingest figure: sudo apt-get install -y wrk (Debian/Ubuntu)"
+INSTALL_HINT = (
+    "wrk is needed for the ingest, reconcile and sustained figures:"
+    " sudo apt-get install -y wrk (Debian/Ubuntu)"
+)
 
 _DESCRIPTION = (
     "A compact stainless steel kettle with a 1.7 litre capacity, rapid boil element, "

@@ -51,9 +51,8 @@ GROWTH_TOLERANCE = 0.01
 
 def backlog(conn: Any, dialect: str) -> int:
     """Deliveries committed and not yet processed (``ix_deliveries_status`` answers it)."""
-    count: int = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'stored'").fetchone()[
-        0
-    ]
+    row = conn.execute("SELECT count(*) FROM deliveries WHERE status = 'stored'").fetchone()
+    count: int = row[0]
     if dialect == "postgresql":
         conn.rollback()  # the next count sees new commits
     return count
