@@ -28,8 +28,6 @@ log = logging.getLogger("receiver.pipeline")
 
 #: How often a pipeline yielding to ingest looks again.
 YIELD_POLL_SECONDS = 0.05
-#: The shortest pause between batches under a stream: the ledger gets the lock and the GIL.
-MIN_YIELD_SECONDS = 0.002
 #: Bodies of committed deliveries kept in memory until processed (`Pipeline.submit_committed`).
 HELD_BYTES = 64 * 2**20
 #: A body this big is processed in a transaction of its own (`Pipeline._chunk`).
@@ -48,9 +46,9 @@ def unprocessed_ids(engine: Engine, received_before: dt.datetime | None = None) 
 class Pipeline(QueueWorker[str]):
     """A worker thread that processes committed deliveries in arrival order, in batches.
 
-    While ``busy()`` says deliveries stream in, batches take turns with ingest
-    (`_yield_to_ingest`): the two share SQLite's write lock and the GIL, and
-    neither waits for the other to finish.
+    Ingest comes first: while ``busy()`` says the ledger has deliveries waiting
+    to be committed, a batch waits (up to ``max_yield`` seconds) so that the
+    two do not fight over SQLite's write lock and the GIL.
     """
 
     thread_name = "pipeline"
@@ -63,9 +61,8 @@ class Pipeline(QueueWorker[str]):
         on_processed: Callable[[str, str], None] | None = None,
         busy: Callable[[], bool] | None = None,
         batch_size: int = 64,
-        busy_batch_size: int = 32,
+        busy_batch_size: int = 8,
         max_yield: float = 0.5,
-        ingest_share: float = 0.5,
         sweep_seconds: float = 60.0,
         held_bytes: int = HELD_BYTES,
         max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
@@ -78,7 +75,6 @@ class Pipeline(QueueWorker[str]):
         self.batch_size = batch_size
         self.busy_batch_size = busy_batch_size
         self.max_yield = max_yield
-        self.ingest_share = ingest_share
         self.sweep_seconds = sweep_seconds
         self.held_bytes = held_bytes
         self.max_body_bytes = max_body_bytes
@@ -155,25 +151,21 @@ class Pipeline(QueueWorker[str]):
         except Exception:
             log.warning("pipeline sweep could not reach the database")
 
-    def _yield_to_ingest(self, worked: float, backlog: int) -> bool:
-        """While deliveries stream in, pause between batches so ingest runs; True if it was.
+    def _yield_to_ingest(self) -> bool:
+        """Wait while the ledger has work (up to ``max_yield``); True if it was busy.
 
-        A duty cycle, not a wait for the stream to end: with a short backlog the pause
-        is as long as the last batch took (``worked``: half the time each), and it
-        shrinks as the backlog grows, down to ``ingest_share`` of the batch's time (a
-        burst still gets its share), so processing keeps up with any stream ingest
-        keeps up with and the backlog stays bounded instead of growing until the
-        stream stops. Bounded by
-        ``max_yield``; wakes every ``YIELD_POLL_SECONDS`` at most (each wake-up takes
-        the GIL from the event loop).
+        Ingest first, in this process: processing in the same process takes the GIL
+        from the event loop (on PostgreSQL, processing 270 deliveries/s during a
+        burst halved what was answered: bench/README.md, "Sustained stream"). For
+        results that stay fresh under a stream, ``RECEIVER_PROCESSING=process``
+        runs the pipeline on another core (`receiver.processor`). Checked every
+        ``YIELD_POLL_SECONDS``, not faster: each wake-up takes the GIL.
         """
         if self.busy is None or not self.busy():
             return False
-        share = max(self.ingest_share, self.busy_batch_size / max(backlog, self.busy_batch_size))
-        pause = min(self.max_yield, max(MIN_YIELD_SECONDS, worked * share))
-        deadline = time.monotonic() + pause
-        while self.busy() and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, YIELD_POLL_SECONDS))
+        deadline = time.monotonic() + self.max_yield
+        while self.busy() and time.monotonic() < deadline:
+            time.sleep(YIELD_POLL_SECONDS)
         return True
 
     def _chunk(self, ids: list[str], size: int) -> tuple[list[str], list[str]]:
@@ -209,16 +201,11 @@ class Pipeline(QueueWorker[str]):
             batch = self._take_batch()
             ids = [i for i in batch if i is not None]
             try:
-                worked = 0.0
                 while ids:
-                    # Under load, smaller transactions: the write lock is the ledger's too.
-                    backlog = len(ids) + self._queue.qsize()
-                    busy = self._yield_to_ingest(worked, backlog)
-                    size = min(self.batch_size, max(self.busy_batch_size, backlog))
-                    chunk, ids = self._chunk(ids, size if busy else self.batch_size)
-                    started = time.monotonic()
+                    # Under load, small transactions: the write lock is the ledger's too.
+                    size = self.busy_batch_size if self._yield_to_ingest() else self.batch_size
+                    chunk, ids = self._chunk(ids, size)
                     outcomes = self._process(chunk)
-                    worked = time.monotonic() - started
                     if self.on_processed is not None:
                         for delivery_id in chunk:
                             self.on_processed(delivery_id, outcomes.get(delivery_id, "failed"))
