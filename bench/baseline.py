@@ -20,7 +20,8 @@ import hmac
 import importlib
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import psycopg
@@ -88,13 +89,26 @@ def create_baseline(
             for c in conns:
                 await c.close()
 
+    return bare_app(token, insert, lifespan)
+
+
+def bare_app(
+    token: bytes,
+    store: Callable[[str, str | None, bytes], Awaitable[None]] | None,
+    lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
+) -> Starlette:
+    """The bare apps' one shape: 401 without the token, else the whole body read, handed to
+    ``store`` (this baseline) or to nothing (the no-store ceiling, `bench.ceiling`), answered."""
+    answer = {"status": "stored" if store is not None else "received"}
+
     async def receive(request: Request) -> Response:
         header = request.headers.get("authorization", "").encode("latin-1")
         if not hmac.compare_digest(header, token):
             return JSONResponse({"error": "unauthorized"}, status_code=401)
         body = await request.body()
-        await insert(request.path_params["name"], request.headers.get("content-type"), body)
-        return JSONResponse({"status": "stored"})
+        if store is not None:
+            await store(request.path_params["name"], request.headers.get("content-type"), body)
+        return JSONResponse(answer)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})

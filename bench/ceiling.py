@@ -9,34 +9,16 @@ approach but never pass (issue 18). Served like the baseline and the variants:
 
 from __future__ import annotations
 
-import hmac
 import os
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
-from starlette.routing import Route
+
+from bench.baseline import bare_app
 
 
 def create_ceiling(token: bytes) -> Starlette:
     """The bare app: 401 without the token, else 200 once the whole body is read."""
-
-    async def receive(request: Request) -> Response:
-        header = request.headers.get("authorization", "").encode("latin-1")
-        if not hmac.compare_digest(header, token):
-            return JSONResponse({"error": "unauthorized"}, status_code=401)
-        await request.body()
-        return JSONResponse({"status": "received"})
-
-    async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
-
-    return Starlette(
-        routes=[
-            Route("/hooks/{name}", receive, methods=["POST"]),
-            Route("/healthz", healthz, methods=["GET"]),
-        ]
-    )
+    return bare_app(token, None)
 
 
 def app_from_env() -> Starlette:
